@@ -1,0 +1,199 @@
+//! The Qwen2 text decoder: embeddings, M-RoPE attention with grouped KV heads, SwiGLU MLP, the
+//! final norm and the LM head, with a KV cache for generation.
+
+use candle_core::Tensor;
+
+use crate::config::TextConfig;
+use crate::nn::{Exec, Linear, apply_rotary, attention, rms_norm};
+use crate::weights::Weights;
+use crate::Result;
+
+struct Layer {
+    input_norm: Tensor,
+    post_norm: Tensor,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+/// Keys and values of every layer, `[B, Hkv, T, D]` each.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+}
+
+impl KvCache {
+    /// Cached length (including left padding).
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+    }
+
+    /// True before the first forward pass.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Repeats a batch-1 cache `n` times along the batch (the K samples of one prompt).
+    pub fn fork(&self, n: usize) -> Result<KvCache> {
+        let layers = self
+            .layers
+            .iter()
+            .map(|(k, v)| Ok((repeat_batch(k, n)?, repeat_batch(v, n)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache { layers })
+    }
+
+    /// Left-pads the cache with zeros to `len` positions (masked by the caller).
+    pub fn left_pad(&self, len: usize) -> Result<KvCache> {
+        let cur = self.len();
+        if cur >= len {
+            return Ok(self.clone());
+        }
+        let pad = |t: &Tensor| -> Result<Tensor> {
+            let (b, h, _, d) = t.dims4()?;
+            let zeros = Tensor::zeros((b, h, len - cur, d), t.dtype(), t.device())?;
+            Ok(Tensor::cat(&[&zeros, t], 2)?)
+        };
+        let layers = self.layers.iter().map(|(k, v)| Ok((pad(k)?, pad(v)?))).collect::<Result<Vec<_>>>()?;
+        Ok(KvCache { layers })
+    }
+
+    /// Concatenates caches of equal length along the batch.
+    pub fn concat(caches: &[KvCache]) -> Result<KvCache> {
+        let Some(first) = caches.first() else { return Ok(KvCache::default()) };
+        let layers = (0..first.layers.len())
+            .map(|l| {
+                let ks: Vec<&Tensor> = caches.iter().map(|c| &c.layers[l].0).collect();
+                let vs: Vec<&Tensor> = caches.iter().map(|c| &c.layers[l].1).collect();
+                Ok((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache { layers })
+    }
+
+    /// Keeps only the given batch rows.
+    pub fn select_rows(&self, rows: &Tensor) -> Result<KvCache> {
+        let layers = self.layers.iter().map(|(k, v)| Ok((k.index_select(rows, 0)?, v.index_select(rows, 0)?))).collect::<Result<Vec<_>>>()?;
+        Ok(KvCache { layers })
+    }
+}
+
+fn repeat_batch(t: &Tensor, n: usize) -> Result<Tensor> {
+    let (b, h, s, d) = t.dims4()?;
+    Ok(t.unsqueeze(1)?.broadcast_as((b, n, h, s, d))?.reshape((b * n, h, s, d))?)
+}
+
+/// Inputs of one decoder pass that every layer shares.
+pub struct Step<'a> {
+    /// Rotary cos / sin `[B, 1, T, D]`.
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    /// Additive mask `[B, 1, T, T_cache + T]`, or none when nothing is masked.
+    pub mask: Option<&'a Tensor>,
+}
+
+/// The text model: embeddings, decoder layers, final norm and LM head.
+pub struct TextModel {
+    config: TextConfig,
+    pub embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    /// The LM head; the embedding matrix itself when embeddings are tied.
+    pub lm_head: Tensor,
+}
+
+impl TextModel {
+    /// Builds the text model from `model.*` (and `lm_head.*`) weights.
+    pub fn new(config: &TextConfig, tie_word_embeddings: bool, w: &Weights) -> Result<Self> {
+        let lin = |name: String, bias: bool| -> Result<Linear> {
+            let weight = w.get(&format!("{name}.weight"))?.clone();
+            let bias = if bias { Some(w.get(&format!("{name}.bias"))?.clone()) } else { None };
+            Ok(Linear::new(weight, bias))
+        };
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                Ok(Layer {
+                    input_norm: w.get(&format!("{p}.input_layernorm.weight"))?.clone(),
+                    post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"))?.clone(),
+                    q: lin(format!("{p}.self_attn.q_proj"), true)?,
+                    k: lin(format!("{p}.self_attn.k_proj"), true)?,
+                    v: lin(format!("{p}.self_attn.v_proj"), true)?,
+                    o: lin(format!("{p}.self_attn.o_proj"), false)?,
+                    gate: lin(format!("{p}.mlp.gate_proj"), false)?,
+                    up: lin(format!("{p}.mlp.up_proj"), false)?,
+                    down: lin(format!("{p}.mlp.down_proj"), false)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let embed_tokens = w.get("model.embed_tokens.weight")?.clone();
+        let lm_head = if tie_word_embeddings { embed_tokens.clone() } else { w.get("lm_head.weight")?.clone() };
+        Ok(TextModel { config: config.clone(), embed_tokens, layers, norm: w.get("model.norm.weight")?.clone(), lm_head })
+    }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Token embeddings `[B, T, H]` of ids `[B, T]`.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        Ok(self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?)
+    }
+
+    /// Runs every layer over `x` `[B, T, H]`, appending to `cache` when given, and returns the
+    /// final-normed hidden states.
+    pub fn forward(&self, x: &Tensor, step: &Step<'_>, mut cache: Option<&mut KvCache>, exec: Exec) -> Result<Tensor> {
+        let mut x = x.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let past = cache.as_deref().and_then(|c| c.layers.get(i).cloned());
+            let (y, kv) = self.layer_forward(layer, &x, step, past.as_ref(), exec)?;
+            if let Some(c) = cache.as_deref_mut() {
+                if i < c.layers.len() {
+                    c.layers[i] = kv;
+                } else {
+                    c.layers.push(kv);
+                }
+            }
+            x = y;
+        }
+        rms_norm(&x, &self.norm, self.config.rms_norm_eps, exec)
+    }
+
+    /// Runs layer `i` alone (for gradient checkpointing), without a cache.
+    pub fn layer(&self, i: usize, x: &Tensor, step: &Step<'_>, exec: Exec) -> Result<Tensor> {
+        Ok(self.layer_forward(&self.layers[i], x, step, None, exec)?.0)
+    }
+
+    /// The final norm alone.
+    pub fn final_norm(&self, x: &Tensor, exec: Exec) -> Result<Tensor> {
+        rms_norm(x, &self.norm, self.config.rms_norm_eps, exec)
+    }
+
+    fn layer_forward(&self, l: &Layer, x: &Tensor, step: &Step<'_>, past: Option<&(Tensor, Tensor)>, exec: Exec) -> Result<(Tensor, (Tensor, Tensor))> {
+        let c = &self.config;
+        let (b, t, _) = x.dims3()?;
+        let (heads, kv_heads, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+        let h = rms_norm(x, &l.input_norm, c.rms_norm_eps, exec)?;
+        let split = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?) };
+        let dtype = x.dtype();
+        let (cos, sin) = (step.cos.to_dtype(dtype)?, step.sin.to_dtype(dtype)?);
+        let q = apply_rotary(&split(l.q.forward(&h)?, heads)?, &cos, &sin)?;
+        let k = apply_rotary(&split(l.k.forward(&h)?, kv_heads)?, &cos, &sin)?;
+        let v = split(l.v.forward(&h)?, kv_heads)?;
+        let (k, v) = match past {
+            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
+            None => (k.contiguous()?, v.contiguous()?),
+        };
+        let attn = attention(&q, &k, &v, step.mask, exec)?.transpose(1, 2)?.reshape((b, t, heads * hd))?;
+        let x = (x + l.o.forward(&attn)?)?;
+        let h = rms_norm(&x, &l.post_norm, c.rms_norm_eps, exec)?;
+        let mlp = l.down.forward(&(l.gate.forward(&h)?.silu()? * l.up.forward(&h)?)?)?;
+        Ok(((x + mlp)?, (k, v)))
+    }
+}

@@ -1,0 +1,236 @@
+//! The whole Qwen2.5-VL: vision tower + decoder, batching with left padding, image-feature
+//! scatter, the forward pass and per-token log-probs of completions.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::config::Config;
+use crate::decoder::{KvCache, Step, TextModel};
+use crate::image::ProcessedImage;
+use crate::logprobs::token_logprobs;
+use crate::nn::{Exec, MASKED};
+use crate::rope::{Grid, mrope_cos_sin, rope_index};
+use crate::vision::{VisionTower, index_tensor};
+use crate::weights::Weights;
+use crate::{Error, Result};
+
+/// Vocabulary rows per chunk of the log-softmax, bounding memory at large vocabularies.
+pub const LOGPROB_VOCAB_CHUNK: usize = 16_384;
+
+/// One token sequence and the images its image-pad runs stand for, in order.
+#[derive(Debug, Clone, Copy)]
+pub struct Sequence<'a> {
+    pub ids: &'a [u32],
+    pub images: &'a [ProcessedImage],
+}
+
+/// A left-padded batch ready for the decoder.
+pub struct Batch {
+    /// Token ids `[B, T]`.
+    pub ids: Tensor,
+    /// Number of left-pad positions per row.
+    pub pad: Vec<usize>,
+    /// Position ids per row and token: `[t, h, w]`.
+    pub positions: Vec<Vec<[i64; 3]>>,
+    /// Next decoding position per row (max position + 1).
+    pub next_position: Vec<i64>,
+    /// All images' patches `[N, patch_dim]` and grids, rows in order.
+    pub pixel_values: Option<Tensor>,
+    pub grids: Vec<Grid>,
+}
+
+impl Batch {
+    /// Padded length T.
+    pub fn len(&self) -> usize {
+        self.positions.first().map_or(0, |p| p.len())
+    }
+
+    /// True for an empty batch.
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+}
+
+/// Qwen2.5-VL for conditional generation.
+pub struct Qwen25Vl {
+    pub config: Config,
+    pub vision: VisionTower,
+    pub text: TextModel,
+    dtype: DType,
+    device: Device,
+}
+
+impl Qwen25Vl {
+    /// Builds the model from weights with legacy names.
+    pub fn new(config: Config, weights: &Weights, dtype: DType, device: &Device) -> Result<Self> {
+        let vision = VisionTower::new(&config.vision, weights)?;
+        let text = TextModel::new(&config.text, config.tie_word_embeddings, weights)?;
+        Ok(Qwen25Vl { config, vision, text, dtype, device: device.clone() })
+    }
+
+    /// Loads `config.json` and the safetensors of `model_dir`.
+    pub fn load(model_dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config = Config::load(model_dir)?;
+        let weights = Weights::load(model_dir, &config, dtype, device)?;
+        Self::new(config, &weights, dtype, device)
+    }
+
+    /// Compute dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Device the weights live on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Left-pads sequences into one batch and computes their 3-axis position ids.
+    pub fn batch(&self, seqs: &[Sequence<'_>], pad_id: u32) -> Result<Batch> {
+        let t = seqs.iter().map(|s| s.ids.len()).max().unwrap_or(0);
+        let merge = self.config.vision.spatial_merge_size;
+        let mut ids = Vec::with_capacity(seqs.len() * t);
+        let mut pad = Vec::new();
+        let mut positions = Vec::new();
+        let mut next_position = Vec::new();
+        let mut grids = Vec::new();
+        let mut pixels: Vec<Tensor> = Vec::new();
+        for (row, s) in seqs.iter().enumerate() {
+            if s.ids.is_empty() {
+                return Err(Error::Input(format!("sequence {row} has no tokens")));
+            }
+            let limit = self.config.text.max_position_embeddings;
+            let row_grids: Vec<Grid> = s.images.iter().map(|im| im.grid_thw).collect();
+            let (pos, _) = rope_index(s.ids, &row_grids, self.config.image_token_id, merge)?;
+            let next = pos.iter().flat_map(|p| p.iter().copied()).max().unwrap_or(-1) + 1;
+            if next as usize > limit {
+                return Err(Error::Input(format!("sequence {row} reaches position {next}, beyond the model's context of {limit}")));
+            }
+            let p = t - s.ids.len();
+            ids.extend(std::iter::repeat_n(pad_id, p));
+            ids.extend_from_slice(s.ids);
+            // transformers gives padding position 1 on every axis; it is masked anyway.
+            let mut row_pos = vec![[1i64; 3]; p];
+            row_pos.extend(pos);
+            positions.push(row_pos);
+            pad.push(p);
+            next_position.push(next);
+            for im in s.images {
+                let rows = im.num_patches();
+                let dim = self.config.vision.patch_dim();
+                if im.pixel_values.len() != rows * dim {
+                    return Err(Error::Input(format!("image of grid {:?} has {} values, expected {}", im.grid_thw, im.pixel_values.len(), rows * dim)));
+                }
+                pixels.push(Tensor::from_slice(&im.pixel_values, (rows, dim), &self.device)?);
+                grids.push(im.grid_thw);
+            }
+        }
+        let pixel_values = if pixels.is_empty() { None } else { Some(Tensor::cat(&pixels, 0)?) };
+        Ok(Batch { ids: Tensor::from_vec(ids, (seqs.len(), t), &self.device)?, pad, positions, next_position, pixel_values, grids })
+    }
+
+    /// Input embeddings `[B, T, H]` with image-pad rows replaced by the vision features.
+    pub fn embed(&self, batch: &Batch, exec: Exec) -> Result<Tensor> {
+        let text = self.text.embed(&batch.ids)?.to_dtype(self.dtype)?;
+        let Some(pixels) = &batch.pixel_values else { return Ok(text) };
+        let features = self.vision.forward(pixels, &batch.grids, self.dtype, exec)?;
+        let (b, t, h) = text.dims3()?;
+        let ids = batch.ids.flatten_all()?.to_vec1::<u32>()?;
+        // Gather from [text rows ; image rows]: differentiable, unlike an in-place scatter.
+        let mut next_image = 0usize;
+        let mut source = Vec::with_capacity(ids.len());
+        for (i, &id) in ids.iter().enumerate() {
+            if id == self.config.image_token_id {
+                source.push(b * t + next_image);
+                next_image += 1;
+            } else {
+                source.push(i);
+            }
+        }
+        let n = features.dim(0)?;
+        if next_image != n {
+            return Err(Error::Input(format!("the batch has {next_image} image tokens but its images give {n} features")));
+        }
+        let all = Tensor::cat(&[&text.reshape((b * t, h))?, &features.to_dtype(self.dtype)?], 0)?;
+        Ok(all.index_select(&index_tensor(&source, &self.device)?, 0)?.reshape((b, t, h))?)
+    }
+
+    /// Additive causal + padding mask `[B, 1, Tq, Tk]` for queries at the end of `tk` keys,
+    /// or none when no position needs masking.
+    pub fn mask(&self, pad: &[usize], tq: usize, tk: usize) -> Result<Option<Tensor>> {
+        if tq == 1 && pad.iter().all(|&p| p == 0) {
+            return Ok(None);
+        }
+        let mut m = Vec::with_capacity(pad.len() * tq * tk);
+        for &p in pad {
+            for i in 0..tq {
+                let q_abs = tk - tq + i;
+                for j in 0..tk {
+                    m.push(if j > q_abs || j < p { MASKED } else { 0.0 });
+                }
+            }
+        }
+        Ok(Some(Tensor::from_vec(m, (pad.len(), 1, tq, tk), &self.device)?))
+    }
+
+    /// Final-normed hidden states `[B, T, H]` of a whole batch (no cache).
+    pub fn hidden(&self, batch: &Batch, exec: Exec) -> Result<Tensor> {
+        self.forward_with_cache(batch, None, exec)
+    }
+
+    /// Like [`Self::hidden`], filling `cache` for generation.
+    pub fn forward_with_cache(&self, batch: &Batch, cache: Option<&mut KvCache>, exec: Exec) -> Result<Tensor> {
+        let x = self.embed(batch, exec)?;
+        let t = batch.len();
+        let c = &self.config.text;
+        let (cos, sin) = mrope_cos_sin(&batch.positions, c.head_dim, c.rope_theta, &c.mrope_section, &self.device)?;
+        let mask = self.mask(&batch.pad, t, t)?;
+        let step = Step { cos: &cos, sin: &sin, mask: mask.as_ref() };
+        self.text.forward(&x, &step, cache, exec)
+    }
+
+    /// One decoding step: `ids` `[B]` at `positions` (per row), keys masked before `pad[row]`.
+    /// Returns logits `[B, V]` in f32.
+    pub fn decode_step(&self, ids: &[u32], positions: &[i64], pad: &[usize], cache: &mut KvCache) -> Result<Tensor> {
+        let b = ids.len();
+        let x = self.text.embed(&Tensor::from_slice(ids, (b, 1), &self.device)?)?.to_dtype(self.dtype)?;
+        let pos: Vec<Vec<[i64; 3]>> = positions.iter().map(|&p| vec![[p; 3]]).collect();
+        let c = &self.config.text;
+        let (cos, sin) = mrope_cos_sin(&pos, c.head_dim, c.rope_theta, &c.mrope_section, &self.device)?;
+        let mask = self.mask(pad, 1, cache.len() + 1)?;
+        let step = Step { cos: &cos, sin: &sin, mask: mask.as_ref() };
+        let h = self.text.forward(&x, &step, Some(cache), Exec::Infer)?;
+        self.logits(&h.squeeze(1)?)
+    }
+
+    /// Logits in f32 for hidden states of any leading shape.
+    pub fn logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let head = crate::nn::Linear::new(self.text.lm_head.clone(), None);
+        Ok(head.forward(hidden)?.to_dtype(DType::F32)?)
+    }
+
+    /// Log-prob of each token `ids[row][p]` for `p` in `spans[row]` (unpadded positions) given
+    /// everything before it: one tensor `[n_tokens]` over all rows in order, vocabulary chunked.
+    pub fn span_logprobs(&self, batch: &Batch, spans: &[std::ops::Range<usize>], exec: Exec) -> Result<Tensor> {
+        let hidden = self.hidden(batch, exec)?;
+        let (b, t, h) = hidden.dims3()?;
+        let ids = batch.ids.to_vec2::<u32>()?;
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        for (r, span) in spans.iter().enumerate() {
+            let p = batch.pad[r];
+            for pos in span.clone() {
+                if pos == 0 || p + pos >= t {
+                    return Err(Error::Input(format!("row {r}: token {pos} cannot be scored (needs a previous token inside the sequence)")));
+                }
+                rows.push(r * t + p + pos - 1);
+                targets.push(ids[r][p + pos]);
+            }
+        }
+        let _ = b;
+        let selected = hidden.reshape((b * t, h))?.index_select(&index_tensor(&rows, &self.device)?, 0)?;
+        let targets = Tensor::from_vec(targets, rows.len(), &self.device)?;
+        token_logprobs(&selected, &self.text.lm_head, &targets, LOGPROB_VOCAB_CHUNK)
+    }
+}
