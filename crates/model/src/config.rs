@@ -162,7 +162,7 @@ impl Config {
 
     /// Parses a config from JSON text; `path` is only used in error messages.
     pub fn from_json_str(text: &str, path: &Path) -> Result<Self> {
-        let raw: Value = serde_json::from_str(text).map_err(|source| Error::Json { path: path.to_path_buf(), source })?;
+        let raw: Value = serde_json::from_str(text).map_err(|source| Error::Json { path: path.to_path_buf(), cause: source })?;
         Self::from_value(raw, path)
     }
 
@@ -217,7 +217,12 @@ impl Config {
     fn validate(&self, path: &Path) -> Result<()> {
         let t = &self.text;
         let v = &self.vision;
-        let check = |ok: bool, field: &str, expected: String| if ok { Ok(()) } else { Err(Error::config(path, field, expected)) };
+        // Name text fields where the file keeps them: nested in 5.x, top level in 4.x.
+        let text_prefix = if self.raw.get("text_config").is_some() { "text_config." } else { "" };
+        let check = |ok: bool, field: &str, expected: String| {
+            let field = if field.starts_with("vision_config") || field.ends_with("token_id") { field.to_string() } else { format!("{text_prefix}{field}") };
+            if ok { Ok(()) } else { Err(Error::config(path, field, expected)) }
+        };
         check(t.num_attention_heads > 0 && t.num_key_value_heads > 0, "num_key_value_heads", "expected positive head counts".into())?;
         check(
             t.num_attention_heads % t.num_key_value_heads == 0,

@@ -5,11 +5,12 @@ use std::path::PathBuf;
 /// Everything that can go wrong while loading, preprocessing or running the model.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    // The cause is part of the message, not a `source`, so error chains do not print it twice.
+    #[error("{path}: {cause}")]
+    Io { path: PathBuf, cause: std::io::Error },
 
-    #[error("{path}: invalid JSON: {source}")]
-    Json { path: PathBuf, source: serde_json::Error },
+    #[error("{path}: invalid JSON: {cause}")]
+    Json { path: PathBuf, cause: serde_json::Error },
 
     #[error("{path}: field `{field}`: {expected}")]
     Config { path: PathBuf, field: String, expected: String },
@@ -39,7 +40,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 impl Error {
     /// An I/O error on `path`.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io { path: path.into(), cause: source }
     }
 
     /// A config field that is missing or has the wrong value.

@@ -88,7 +88,7 @@ pub fn weight_files(model_dir: &Path) -> Result<Vec<PathBuf>> {
     let index = model_dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let json: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: index.clone(), source })?;
+        let json: serde_json::Value = serde_json::from_str(&text).map_err(|source| Error::Json { path: index.clone(), cause: source })?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -302,5 +302,57 @@ mod tests {
         assert_eq!(legacy_name("model.layers.1.mlp.up_proj.weight"), "model.layers.1.mlp.up_proj.weight");
         assert_eq!(legacy_name("visual.merger.mlp.0.bias"), "visual.merger.mlp.0.bias");
         assert_eq!(legacy_name("lm_head.weight"), "lm_head.weight");
+    }
+
+    fn tiny_config() -> Config {
+        let dir = tempfile::tempdir().expect("tempdir");
+        crate::tiny::create_tiny(dir.path(), &crate::tiny::TinySpec::default()).expect("tiny model")
+    }
+
+    #[test]
+    fn sharded_bf16_save_loads_back_in_both_key_styles() -> Result<()> {
+        let config = tiny_config();
+        let w = Weights::random(&config, 1, DType::F32, &Device::Cpu)?;
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        w.save(dir.path(), DType::BF16, 200_000)?;
+        assert!(dir.path().join("model.safetensors.index.json").exists());
+        assert!(weight_files(dir.path())?.len() > 1, "small shards give several files");
+        let back = Weights::load(dir.path(), &config, DType::F32, &Device::Cpu)?;
+        assert_eq!(back.len(), w.len());
+        for (name, t) in w.iter() {
+            let want = t.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+            let diff = (back.get(name)? - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "{name} changed in the round trip");
+        }
+        // The same tensors under the new key style load to the same names.
+        let renamed: HashMap<String, Tensor> = w
+            .iter()
+            .map(|(k, t)| {
+                let key = if let Some(r) = k.strip_prefix("visual.") { format!("model.visual.{r}") } else if let Some(r) = k.strip_prefix("model.") { format!("model.language_model.{r}") } else { k.clone() };
+                (key, t.clone())
+            })
+            .collect();
+        let dir2 = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        candle_core::safetensors::save(&renamed, dir2.path().join("model.safetensors"))?;
+        let back = Weights::load(dir2.path(), &config, DType::F32, &Device::Cpu)?;
+        assert_eq!(back.len(), w.len());
+        Ok(())
+    }
+
+    #[test]
+    fn missing_and_misshaped_tensors_are_named() -> Result<()> {
+        let config = tiny_config();
+        let w = Weights::random(&config, 1, DType::F32, &Device::Cpu)?;
+        let mut map: HashMap<String, Tensor> = w.iter().map(|(k, t)| (k.clone(), t.clone())).collect();
+        map.remove("model.norm.weight");
+        let dir = tempfile::tempdir().map_err(|e| Error::io("tempdir", e))?;
+        candle_core::safetensors::save(&map, dir.path().join("model.safetensors"))?;
+        let msg = Weights::load(dir.path(), &config, DType::F32, &Device::Cpu).expect_err("missing").to_string();
+        assert!(msg.contains("model.norm.weight") && msg.contains("missing"), "{msg}");
+        map.insert("model.norm.weight".into(), Tensor::zeros(3, DType::F32, &Device::Cpu)?);
+        candle_core::safetensors::save(&map, dir.path().join("model.safetensors"))?;
+        let msg = Weights::load(dir.path(), &config, DType::F32, &Device::Cpu).expect_err("shape").to_string();
+        assert!(msg.contains("model.safetensors") && msg.contains("model.norm.weight") && msg.contains("shape"), "{msg}");
+        Ok(())
     }
 }

@@ -1,0 +1,158 @@
+//! `medrl bench`: speed of the model on a real directory or on random weights of any config.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use medrl_model::config::Config;
+use medrl_model::decoder::KvCache;
+use medrl_model::generate::{GenerationParams, Request, Sampling, generate};
+use medrl_model::image::ProcessedImage;
+use medrl_model::model::{Qwen25Vl, Sequence};
+use medrl_model::nn::Exec;
+use medrl_model::tiny::{TinySpec, create_tiny};
+use medrl_model::weights::Weights;
+use rand::{Rng, SeedableRng, rngs::StdRng};
+
+use crate::runtime::DeviceArgs;
+
+/// Which benchmark to run.
+#[derive(clap::Subcommand, Debug)]
+pub enum Bench {
+    /// Rollout: prefill each prompt once, then sample K completions per prompt.
+    Rollout(RolloutArgs),
+}
+
+/// Arguments of `medrl bench rollout`.
+#[derive(clap::Args, Debug)]
+pub struct RolloutArgs {
+    /// A model directory; without it and without --config, the tiny model with random weights.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A `config.json` to instantiate with random weights (e.g. a 7B config, no weights needed).
+    #[arg(long, conflicts_with = "model")]
+    pub config: Option<PathBuf>,
+    #[arg(long, default_value_t = 1)]
+    pub prompts: usize,
+    #[arg(long, default_value_t = 8)]
+    pub samples: usize,
+    /// Text tokens per prompt besides the image.
+    #[arg(long, default_value_t = 115)]
+    pub prompt_tokens: usize,
+    /// Square image side in pixels (multiple of 28); 0 for text-only prompts.
+    #[arg(long, default_value_t = 112)]
+    pub image_size: usize,
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// Untimed warm-up runs before the timed one.
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    #[command(flatten)]
+    pub runtime: DeviceArgs,
+}
+
+/// Runs the benchmark and prints one JSON line.
+pub fn run(b: Bench) -> Result<()> {
+    match b {
+        Bench::Rollout(a) => rollout(a),
+    }
+}
+
+fn load_model(a: &RolloutArgs) -> Result<Qwen25Vl> {
+    let (dtype, device) = (a.runtime.dtype()?, a.runtime.device()?);
+    if let Some(dir) = &a.model {
+        return Qwen25Vl::load(dir, dtype, &device).with_context(|| format!("loading {}", dir.display()));
+    }
+    let config = match &a.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+            Config::from_json_str(&text, path)?
+        }
+        None => {
+            let dir = tempfile::tempdir()?;
+            create_tiny(dir.path(), &TinySpec::default())?
+        }
+    };
+    let weights = Weights::random(&config, 0, dtype, &device)?;
+    Ok(Qwen25Vl::new(config, &weights, dtype, &device)?)
+}
+
+fn synthetic_prompt(model: &Qwen25Vl, a: &RolloutArgs, rng: &mut StdRng) -> Result<(Vec<u32>, Vec<ProcessedImage>)> {
+    let c = &model.config;
+    let mut ids: Vec<u32> = Vec::new();
+    let mut images = Vec::new();
+    if a.image_size > 0 {
+        if a.image_size % 28 != 0 {
+            bail!("--image-size {}: expected a multiple of 28", a.image_size);
+        }
+        let g = a.image_size / c.vision.patch_size;
+        let grid = [1, g, g];
+        let n = g * g * c.vision.patch_dim();
+        images.push(ProcessedImage { pixel_values: (0..n).map(|_| rng.random::<f32>() - 0.5).collect(), grid_thw: grid });
+        ids.push(c.vision_start_token_id);
+        ids.extend(std::iter::repeat_n(c.image_token_id, g * g / c.vision.merge_unit()));
+        ids.push(c.vision_end_token_id);
+    }
+    // Ordinary tokens: keep clear of the special ids at the top of Qwen's vocabulary.
+    let top = (c.vision_start_token_id as usize).min(c.text.vocab_size).max(2);
+    ids.extend((0..a.prompt_tokens).map(|_| rng.random_range(1..top) as u32));
+    Ok((ids, images))
+}
+
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+}
+
+fn rollout(a: RolloutArgs) -> Result<()> {
+    let model = load_model(&a)?;
+    let mut rng = StdRng::seed_from_u64(0);
+    let prompts: Vec<(Vec<u32>, Vec<ProcessedImage>)> = (0..a.prompts).map(|_| synthetic_prompt(&model, &a, &mut rng)).collect::<Result<_>>()?;
+    let requests: Vec<Request<'_>> = prompts.iter().map(|(ids, images)| Request { prompt: ids, images, num_samples: a.samples }).collect();
+    let params = GenerationParams { sampling: Sampling::Random { temperature: 1.0, top_p: 1.0, top_k: 0 }, max_new_tokens: a.new_tokens, seed: 0 };
+    let prefill = || -> Result<f64> {
+        let start = Instant::now();
+        for (ids, images) in &prompts {
+            let batch = model.batch(&[Sequence { ids, images }], 0)?;
+            let mut cache = KvCache::default();
+            model.forward_with_cache(&batch, Some(&mut cache), Exec::Infer)?;
+        }
+        Ok(start.elapsed().as_secs_f64())
+    };
+    for _ in 0..a.warmup {
+        prefill()?;
+        // No stop tokens: every sample runs to the token budget, so the work is fixed.
+        generate(&model, &requests, &GenerationParams { max_new_tokens: a.new_tokens.min(4), ..params }, &[], 0)?;
+    }
+    let prefill_s = prefill()?;
+    let start = Instant::now();
+    let outs = generate(&model, &requests, &params, &[], 0)?;
+    let total_s = start.elapsed().as_secs_f64();
+    let generated: usize = outs.iter().flatten().map(|c| c.token_ids.len()).sum();
+    let prompt_tokens: usize = prompts.iter().map(|(ids, _)| ids.len()).sum();
+    let decode_s = (total_s - prefill_s).max(1e-9);
+    let report = serde_json::json!({
+        "bench": "rollout",
+        "device": a.runtime.device,
+        "dtype": a.runtime.dtype,
+        "parameters": model_parameters(&model),
+        "prompts": a.prompts,
+        "samples_per_prompt": a.samples,
+        "prompt_tokens_each": prompts.first().map_or(0, |(ids, _)| ids.len()),
+        "new_tokens": a.new_tokens,
+        "prefill_s": prefill_s,
+        "prefill_tok_per_s": prompt_tokens as f64 / prefill_s,
+        "rollout_s": total_s,
+        "rollout_tok_per_s": generated as f64 / total_s,
+        "decode_tok_per_s": generated as f64 / decode_s,
+        "decode_step_ms": decode_s * 1000.0 / a.new_tokens as f64,
+        "peak_rss_bytes": peak_rss_bytes(),
+    });
+    println!("{report}");
+    Ok(())
+}
+
+fn model_parameters(model: &Qwen25Vl) -> usize {
+    medrl_model::weights::expected_shapes(&model.config).iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+}
