@@ -3,6 +3,7 @@
 pub mod advantage;
 pub mod passk;
 mod pytext;
+pub mod record;
 pub mod reward;
 pub mod template;
 
@@ -11,4 +12,5 @@ pub use advantage::{
 };
 pub use passk::{PassAtKError, SampleCounts, mean_pass_at_k, pass_at_k};
 pub use reward::{Gold, RewardConfig, RewardOutcome};
+pub use record::{RecordError, VqaRecord, read_records, write_records};
 pub use template::{Prompt, PromptTemplate};
