@@ -135,6 +135,22 @@ impl TextModel {
         Ok(TextModel { config: config.clone(), embed_tokens, layers, norm: w.get("model.norm.weight")?.clone(), lm_head })
     }
 
+    /// Every linear layer with its HF module name (`model.layers.N.self_attn.q_proj`, ...).
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.self_attn.q_proj"), &mut l.q));
+            out.push((format!("{p}.self_attn.k_proj"), &mut l.k));
+            out.push((format!("{p}.self_attn.v_proj"), &mut l.v));
+            out.push((format!("{p}.self_attn.o_proj"), &mut l.o));
+            out.push((format!("{p}.mlp.gate_proj"), &mut l.gate));
+            out.push((format!("{p}.mlp.up_proj"), &mut l.up));
+            out.push((format!("{p}.mlp.down_proj"), &mut l.down));
+        }
+        out
+    }
+
     /// Number of decoder layers.
     pub fn num_layers(&self) -> usize {
         self.layers.len()

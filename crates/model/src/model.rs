@@ -3,7 +3,8 @@
 
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
 
 use crate::config::Config;
 use crate::decoder::{KvCache, Step, TextModel};
@@ -182,12 +183,81 @@ impl Qwen25Vl {
     /// Like [`Self::hidden`], filling `cache` for generation.
     pub fn forward_with_cache(&self, batch: &Batch, cache: Option<&mut KvCache>, exec: Exec) -> Result<Tensor> {
         let x = self.embed(batch, exec)?;
+        let (cos, sin, mask) = self.decoder_inputs(batch)?;
+        let step = Step { cos: &cos, sin: &sin, mask: mask.as_ref() };
+        self.text.forward(&x, &step, cache, exec)
+    }
+
+    /// Rotary tables and mask of a whole-sequence pass.
+    fn decoder_inputs(&self, batch: &Batch) -> Result<(Tensor, Tensor, Option<Tensor>)> {
         let t = batch.len();
         let c = &self.config.text;
         let (cos, sin) = mrope_cos_sin(&batch.positions, c.head_dim, c.rope_theta, &c.mrope_section, &self.device)?;
-        let mask = self.mask(&batch.pad, t, t)?;
+        Ok((cos, sin, self.mask(&batch.pad, t, t)?))
+    }
+
+    /// Every linear layer (vision tower, merger, decoder) with its HF module name.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut crate::nn::Linear)> {
+        let mut out = self.vision.linears_mut();
+        out.extend(self.text.linears_mut());
+        out
+    }
+
+    /// Gradient of `loss_of(log-probs of spans)` for every variable, recomputing each decoder
+    /// layer during the backward pass so that only the layers' inputs stay alive (gradient
+    /// checkpointing). Returns the detached log-probs, the loss value and the gradients.
+    pub fn checkpointed_backward(
+        &self,
+        batch: &Batch,
+        spans: &[std::ops::Range<usize>],
+        loss_of: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    ) -> Result<(Tensor, f64, GradStore)> {
+        let embeds = self.embed(batch, Exec::Train)?;
+        let (cos, sin, mask) = self.decoder_inputs(batch)?;
         let step = Step { cos: &cos, sin: &sin, mask: mask.as_ref() };
-        self.text.forward(&x, &step, cache, exec)
+        let mut inputs = vec![embeds.detach()];
+        for i in 0..self.text.num_layers() {
+            let y = self.text.layer(i, &inputs[i], &step, Exec::Train)?.detach();
+            inputs.push(y);
+        }
+        let top = Var::from_tensor(&inputs[self.text.num_layers()])?;
+        let hidden = self.text.final_norm(top.as_tensor(), Exec::Train)?;
+        let lp = self.gather_logprobs(&hidden, batch, spans)?;
+        let loss = loss_of(&lp)?;
+        let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let mut grads = loss.backward()?;
+        let mut upstream = grads.remove(top.as_tensor()).ok_or_else(|| Error::Input("the loss does not depend on the model".into()))?;
+        for i in (0..self.text.num_layers()).rev() {
+            let x = Var::from_tensor(&inputs[i])?;
+            let y = self.text.layer(i, x.as_tensor(), &step, Exec::Train)?;
+            // Vector-Jacobian product: d<y, upstream>/d(x, params).
+            let mut layer_grads = (y * upstream.detach())?.sum_all()?.backward()?;
+            upstream = layer_grads.remove(x.as_tensor()).ok_or_else(|| Error::Input(format!("layer {i} does not depend on its input")))?;
+            grads.extend(layer_grads)?;
+        }
+        grads.extend((embeds * upstream.detach())?.sum_all()?.backward()?)?;
+        Ok((lp.detach(), loss_value, grads))
+    }
+
+    /// Log-probs of the span tokens from final hidden states `[B, T, H]`.
+    fn gather_logprobs(&self, hidden: &Tensor, batch: &Batch, spans: &[std::ops::Range<usize>]) -> Result<Tensor> {
+        let (b, t, h) = hidden.dims3()?;
+        let ids = batch.ids.to_vec2::<u32>()?;
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        for (r, span) in spans.iter().enumerate() {
+            let p = batch.pad[r];
+            for pos in span.clone() {
+                if pos == 0 || p + pos >= t {
+                    return Err(Error::Input(format!("row {r}: token {pos} cannot be scored (needs a previous token inside the sequence)")));
+                }
+                rows.push(r * t + p + pos - 1);
+                targets.push(ids[r][p + pos]);
+            }
+        }
+        let selected = hidden.reshape((b * t, h))?.index_select(&index_tensor(&rows, &self.device)?, 0)?;
+        let targets = Tensor::from_vec(targets, rows.len(), &self.device)?;
+        token_logprobs(&selected, &self.text.lm_head, &targets, LOGPROB_VOCAB_CHUNK)
     }
 
     /// One decoding step: `ids` `[B]` at `positions` (per row), keys masked before `pad[row]`.
@@ -214,23 +284,6 @@ impl Qwen25Vl {
     /// everything before it: one tensor `[n_tokens]` over all rows in order, vocabulary chunked.
     pub fn span_logprobs(&self, batch: &Batch, spans: &[std::ops::Range<usize>], exec: Exec) -> Result<Tensor> {
         let hidden = self.hidden(batch, exec)?;
-        let (b, t, h) = hidden.dims3()?;
-        let ids = batch.ids.to_vec2::<u32>()?;
-        let mut rows = Vec::new();
-        let mut targets = Vec::new();
-        for (r, span) in spans.iter().enumerate() {
-            let p = batch.pad[r];
-            for pos in span.clone() {
-                if pos == 0 || p + pos >= t {
-                    return Err(Error::Input(format!("row {r}: token {pos} cannot be scored (needs a previous token inside the sequence)")));
-                }
-                rows.push(r * t + p + pos - 1);
-                targets.push(ids[r][p + pos]);
-            }
-        }
-        let _ = b;
-        let selected = hidden.reshape((b * t, h))?.index_select(&index_tensor(&rows, &self.device)?, 0)?;
-        let targets = Tensor::from_vec(targets, rows.len(), &self.device)?;
-        token_logprobs(&selected, &self.text.lm_head, &targets, LOGPROB_VOCAB_CHUNK)
+        self.gather_logprobs(&hidden, batch, spans)
     }
 }

@@ -16,17 +16,37 @@ pub enum Exec {
     Infer,
 }
 
-/// A linear layer `y = x Wᵀ + b` whose frozen weight never receives a gradient.
+/// A low-rank adapter: adds `scale · x Aᵀ Bᵀ` to a linear layer's output.
+#[derive(Debug, Clone)]
+pub struct Lora {
+    /// `[rank, in]`.
+    pub a: Tensor,
+    /// `[out, rank]`.
+    pub b: Tensor,
+    /// `alpha / rank`.
+    pub scale: f64,
+}
+
+impl Lora {
+    /// The weight delta `scale · B A` `[out, in]` that merging adds to the base weight.
+    pub fn delta(&self) -> Result<Tensor> {
+        Ok((self.b.matmul(&self.a)? * self.scale)?)
+    }
+}
+
+/// A linear layer `y = x Wᵀ + b` whose frozen weight never receives a gradient, optionally with
+/// a LoRA adapter.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub lora: Option<Lora>,
 }
 
 impl Linear {
     /// A layer from its weight `[out, in]` and optional bias `[out]`.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { weight, bias }
+        Linear { weight, bias, lora: None }
     }
 
     /// Applies the layer over the last dimension of `x`.
@@ -42,6 +62,13 @@ impl Linear {
         };
         let y = match &self.bias {
             Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+            None => y,
+        };
+        let y = match &self.lora {
+            Some(l) => {
+                let low = flat.matmul(&l.a.to_dtype(flat.dtype())?.t()?)?;
+                (y + (low.matmul(&l.b.to_dtype(flat.dtype())?.t()?)? * l.scale)?)?
+            }
             None => y,
         };
         let mut out_dims = dims;

@@ -69,6 +69,22 @@ impl VisionTower {
         })
     }
 
+    /// Every linear layer of the blocks and merger with its HF module name.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, b) in self.blocks.iter_mut().enumerate() {
+            let p = format!("visual.blocks.{i}");
+            out.push((format!("{p}.attn.qkv"), &mut b.qkv));
+            out.push((format!("{p}.attn.proj"), &mut b.proj));
+            out.push((format!("{p}.mlp.gate_proj"), &mut b.gate));
+            out.push((format!("{p}.mlp.up_proj"), &mut b.up));
+            out.push((format!("{p}.mlp.down_proj"), &mut b.down));
+        }
+        out.push(("visual.merger.mlp.0".into(), &mut self.fc1));
+        out.push(("visual.merger.mlp.2".into(), &mut self.fc2));
+        out
+    }
+
     /// Encodes the patches of one or more images, `pixel_values` `[N, patch_dim]`, into merged
     /// tokens `[N / 4, out_hidden]` in raster order of each image's merged grid.
     pub fn forward(&self, pixel_values: &Tensor, grids: &[Grid], dtype: DType, exec: Exec) -> Result<Tensor> {
