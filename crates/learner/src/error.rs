@@ -87,6 +87,10 @@ pub enum Error {
         source: serde_json::Error,
     },
 
+    /// Input data (a recorded batch, a checkpoint) is malformed; the message names where.
+    #[error("{0}")]
+    Input(String),
+
     /// A candle tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -3,15 +3,20 @@
 //! bonus with the answer-span finder and the EMA reference update, AdamW with f32 master weights
 //! (plus SGD, clipping, accumulation and resumable state), and learning-rate schedules.
 
-#![warn(missing_docs)]
 
+
+pub mod batch;
 pub mod care;
+pub mod checkpoint;
+pub mod config;
 pub mod entropy;
 pub mod error;
 pub mod loss;
 pub mod mask;
 pub mod optim;
+pub mod policy;
 pub mod schedule;
+pub mod trainer;
 
 pub use care::{CareConfig, CareGroup, EmaConfig, care_bonus, care_bonus_grouped};
 pub use entropy::token_entropy_chunked;

@@ -44,7 +44,12 @@ impl Vlm {
         if !dir.is_dir() {
             return Err(Error::io(dir, std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found")));
         }
-        let model = Qwen25Vl::load(dir, dtype, device)?;
+        Self::from_parts(dir, Qwen25Vl::load(dir, dtype, device)?)
+    }
+
+    /// Wraps an already built model (e.g. one whose weights are trainable variables) with the
+    /// processor, tokenizer and generation settings of `dir`.
+    pub fn from_parts(dir: &Path, model: Qwen25Vl) -> Result<Self> {
         let images = ImageProcessor::load(dir)?;
         let prompts = PromptEncoder::load(dir)?;
         let generation = read_generation_config(dir)?;
