@@ -1,10 +1,12 @@
 //! The medical VQA task: prompt templates, answer parsing, rewards, group advantages, Pass@K.
 
 pub mod advantage;
+pub mod datasets;
 pub mod passk;
 mod pytext;
 pub mod record;
 pub mod reward;
+pub mod synthetic;
 pub mod template;
 
 pub use advantage::{
