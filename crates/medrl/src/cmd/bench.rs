@@ -12,6 +12,7 @@ use medrl_model::model::{Qwen25Vl, Sequence};
 use medrl_model::nn::Exec;
 use medrl_model::tiny::{TinySpec, create_tiny};
 use medrl_model::weights::Weights;
+use candle_core::Tensor;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::runtime::DeviceArgs;
@@ -21,6 +22,38 @@ use crate::runtime::DeviceArgs;
 pub enum Bench {
     /// Rollout: prefill each prompt once, then sample K completions per prompt.
     Rollout(RolloutArgs),
+    /// Learner: forward + backward of the GRPO loss over a batch of sequences, then AdamW.
+    Learner(LearnerArgs),
+}
+
+/// Arguments of `medrl bench learner`.
+#[derive(clap::Args, Debug)]
+pub struct LearnerArgs {
+    /// A `config.json` to instantiate with random weights; the tiny model without it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Sequences per step (one micro-batch).
+    #[arg(long, default_value_t = 8)]
+    pub sequences: usize,
+    /// Prompt text tokens per sequence besides the image.
+    #[arg(long, default_value_t = 115)]
+    pub prompt_tokens: usize,
+    /// Square image side in pixels (multiple of 28); 0 for none.
+    #[arg(long, default_value_t = 112)]
+    pub image_size: usize,
+    /// Completion tokens per sequence (those in the loss).
+    #[arg(long, default_value_t = 64)]
+    pub completion_tokens: usize,
+    /// all | no_vision | lora
+    #[arg(long, default_value = "all")]
+    pub trainable: String,
+    /// Recompute each decoder layer in the backward pass.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub checkpointing: bool,
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    #[command(flatten)]
+    pub runtime: DeviceArgs,
 }
 
 /// Arguments of `medrl bench rollout`.
@@ -55,6 +88,7 @@ pub struct RolloutArgs {
 pub fn run(b: Bench) -> Result<()> {
     match b {
         Bench::Rollout(a) => rollout(a),
+        Bench::Learner(a) => learner(a),
     }
 }
 
@@ -63,7 +97,14 @@ fn load_model(a: &RolloutArgs) -> Result<Qwen25Vl> {
     if let Some(dir) = &a.model {
         return Qwen25Vl::load(dir, dtype, &device).with_context(|| format!("loading {}", dir.display()));
     }
-    let config = match &a.config {
+    let config = bench_config(a.config.as_deref())?;
+    let weights = Weights::random(&config, 0, dtype, &device)?;
+    Ok(Qwen25Vl::new(config, &weights, dtype, &device)?)
+}
+
+/// The config of `path`, or the tiny model's.
+fn bench_config(path: Option<&std::path::Path>) -> Result<Config> {
+    Ok(match path {
         Some(path) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
             Config::from_json_str(&text, path)?
@@ -72,20 +113,18 @@ fn load_model(a: &RolloutArgs) -> Result<Qwen25Vl> {
             let dir = tempfile::tempdir()?;
             create_tiny(dir.path(), &TinySpec::default())?
         }
-    };
-    let weights = Weights::random(&config, 0, dtype, &device)?;
-    Ok(Qwen25Vl::new(config, &weights, dtype, &device)?)
+    })
 }
 
-fn synthetic_prompt(model: &Qwen25Vl, a: &RolloutArgs, rng: &mut StdRng) -> Result<(Vec<u32>, Vec<ProcessedImage>)> {
+fn synthetic_prompt(model: &Qwen25Vl, image_size: usize, prompt_tokens: usize, rng: &mut StdRng) -> Result<(Vec<u32>, Vec<ProcessedImage>)> {
     let c = &model.config;
     let mut ids: Vec<u32> = Vec::new();
     let mut images = Vec::new();
-    if a.image_size > 0 {
-        if a.image_size % 28 != 0 {
-            bail!("--image-size {}: expected a multiple of 28", a.image_size);
+    if image_size > 0 {
+        if image_size % 28 != 0 {
+            bail!("--image-size {image_size}: expected a multiple of 28");
         }
-        let g = a.image_size / c.vision.patch_size;
+        let g = image_size / c.vision.patch_size;
         let grid = [1, g, g];
         let n = g * g * c.vision.patch_dim();
         images.push(ProcessedImage { pixel_values: (0..n).map(|_| rng.random::<f32>() - 0.5).collect(), grid_thw: grid });
@@ -95,7 +134,7 @@ fn synthetic_prompt(model: &Qwen25Vl, a: &RolloutArgs, rng: &mut StdRng) -> Resu
     }
     // Ordinary tokens: keep clear of the special ids at the top of Qwen's vocabulary.
     let top = (c.vision_start_token_id as usize).min(c.text.vocab_size).max(2);
-    ids.extend((0..a.prompt_tokens).map(|_| rng.random_range(1..top) as u32));
+    ids.extend((0..prompt_tokens).map(|_| rng.random_range(1..top) as u32));
     Ok((ids, images))
 }
 
@@ -108,7 +147,7 @@ fn peak_rss_bytes() -> Option<u64> {
 fn rollout(a: RolloutArgs) -> Result<()> {
     let model = load_model(&a)?;
     let mut rng = StdRng::seed_from_u64(0);
-    let prompts: Vec<(Vec<u32>, Vec<ProcessedImage>)> = (0..a.prompts).map(|_| synthetic_prompt(&model, &a, &mut rng)).collect::<Result<_>>()?;
+    let prompts: Vec<(Vec<u32>, Vec<ProcessedImage>)> = (0..a.prompts).map(|_| synthetic_prompt(&model, a.image_size, a.prompt_tokens, &mut rng)).collect::<Result<_>>()?;
     let requests: Vec<Request<'_>> = prompts.iter().map(|(ids, images)| Request { prompt: ids, images, num_samples: a.samples }).collect();
     let params = GenerationParams { sampling: Sampling::Random { temperature: 1.0, top_p: 1.0, top_k: 0 }, max_new_tokens: a.new_tokens, seed: 0 };
     let prefill = || -> Result<f64> {
@@ -155,4 +194,85 @@ fn rollout(a: RolloutArgs) -> Result<()> {
 
 fn model_parameters(model: &Qwen25Vl) -> usize {
     medrl_model::weights::expected_shapes(&model.config).iter().map(|(_, s)| s.iter().product::<usize>()).sum()
+}
+
+fn learner(a: LearnerArgs) -> Result<()> {
+    use medrl_learner::config::{LearnerConfig, Trainable};
+    use medrl_learner::loss::{PolicyLossConfig, PolicyLossInputs, mask_from_lengths, policy_loss};
+    use medrl_learner::optim::{AdamW, Optimizer, clip_grad_norm};
+    use medrl_learner::policy::Policy;
+
+    let (dtype, device) = (a.runtime.dtype()?, a.runtime.device()?);
+    let trainable = match a.trainable.as_str() {
+        "all" => Trainable::All,
+        "no_vision" => Trainable::NoVision,
+        "lora" => Trainable::Lora,
+        other => bail!("--trainable {other}: expected all, no_vision or lora"),
+    };
+    let config = bench_config(a.config.as_deref())?;
+    let weights = Weights::random(&config, 0, dtype, &device)?;
+    let cfg = LearnerConfig { trainable, ..LearnerConfig::default() };
+    let (model, policy) = Policy::from_weights(config, weights, &cfg, dtype, &device)?;
+    let mut adamw = AdamW::new(policy.params.clone(), cfg.optimizer.adamw())?;
+    let vars = policy.vars();
+    let mut rng = StdRng::seed_from_u64(0);
+    let top = (model.config.vision_start_token_id as usize).min(model.config.text.vocab_size).max(2);
+    let mut seqs = Vec::new();
+    for _ in 0..a.sequences {
+        let (mut ids, images) = synthetic_prompt(&model, a.image_size, a.prompt_tokens, &mut rng)?;
+        let start = ids.len();
+        ids.extend((0..a.completion_tokens).map(|_| rng.random_range(1..top) as u32));
+        seqs.push((ids, images, start));
+    }
+    let batch = model.batch(&seqs.iter().map(|(ids, images, _)| Sequence { ids, images }).collect::<Vec<_>>(), 0)?;
+    let spans: Vec<std::ops::Range<usize>> = seqs.iter().map(|(ids, _, s)| *s..ids.len()).collect();
+    let lens: Vec<usize> = spans.iter().map(|s| s.len()).collect();
+    let mask = mask_from_lengths(&lens, a.completion_tokens, &device)?;
+    let advantages = Tensor::from_vec((0..a.sequences).map(|i| if i % 2 == 0 { 1f32 } else { -1.0 }).collect::<Vec<_>>(), a.sequences, &device)?;
+    let loss_cfg = PolicyLossConfig::default();
+    let n = a.sequences;
+    let width = a.completion_tokens;
+    let mut loss_of = |lp: &Tensor| -> medrl_model::Result<Tensor> {
+        let lp = lp.reshape((n, width))?;
+        let inputs = PolicyLossInputs { logprobs: &lp, old_logprobs: None, advantages: &advantages, mask: &mask, ref_logprobs: None, denominator: None };
+        policy_loss(&loss_cfg, &inputs).map(|l| l.loss).map_err(|e| medrl_model::Error::Input(e.to_string()))
+    };
+    let mut step = || -> Result<(f64, f64)> {
+        let start = Instant::now();
+        let (_, _, mut grads) = if a.checkpointing {
+            model.checkpointed_backward(&batch, &spans, &mut loss_of)?
+        } else {
+            let lp = model.span_logprobs(&batch, &spans, Exec::Train)?;
+            let loss = loss_of(&lp)?;
+            (lp, 0.0, loss.backward()?)
+        };
+        let fwd_bwd = start.elapsed().as_secs_f64();
+        clip_grad_norm(&mut grads, &vars, 5.0)?;
+        adamw.step(&grads)?;
+        device.synchronize()?;
+        Ok((fwd_bwd, start.elapsed().as_secs_f64()))
+    };
+    for _ in 0..a.warmup {
+        step()?;
+    }
+    let (fwd_bwd_s, step_s) = step()?;
+    let tokens = batch.len() * a.sequences;
+    let report = serde_json::json!({
+        "bench": "learner",
+        "device": a.runtime.device,
+        "dtype": a.runtime.dtype,
+        "parameters": model_parameters(&model),
+        "trainable_parameters": vars.iter().map(|v| v.elem_count()).sum::<usize>(),
+        "trainable": a.trainable,
+        "checkpointing": a.checkpointing,
+        "sequences": a.sequences,
+        "tokens_per_sequence": batch.len(),
+        "fwd_bwd_s": fwd_bwd_s,
+        "fwd_bwd_tok_per_s": tokens as f64 / fwd_bwd_s,
+        "step_s": step_s,
+        "step_tok_per_s": tokens as f64 / step_s,
+        "peak_rss_bytes": peak_rss_bytes(),
+    });
+    println!("{report}");
+    Ok(())
 }
