@@ -1,6 +1,7 @@
 //! medrl: reinforcement-learning post-training of medical vision-language models.
 
 mod cmd;
+mod config;
 mod runtime;
 
 use clap::{Parser, Subcommand};
@@ -21,9 +22,17 @@ enum Command {
     Score(cmd::score::Args),
     /// Create a tiny random Qwen2.5-VL-shaped model in the Hugging Face layout.
     TinyModel(cmd::tiny::Args),
+    /// Greedy Acc@1 vs unbiased Pass@k of a model on VQA records, or recomputed from a samples file.
+    Eval(cmd::eval::Args),
+    /// Linear or kNN probe of a model's frozen vision tower on labelled images.
+    Probe(cmd::probe::Args),
     /// Measure speed on a model or a random one of any config, printing JSON.
     #[command(subcommand)]
     Bench(cmd::bench::Bench),
+    /// The learner: `step` applies one optimizer step from a recorded batch.
+    Learner(cmd::learner::Args),
+    /// Datasets to record JSONL (MedMNIST, PMC-VQA, eval kit, LLaVA, synthetic); subsets and filters.
+    Data(cmd::data::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -33,7 +42,11 @@ fn main() -> std::process::ExitCode {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Score(a) => cmd::score::run(a),
         Command::TinyModel(a) => cmd::tiny::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
+        Command::Probe(a) => cmd::probe::run(a),
         Command::Bench(b) => cmd::bench::run(b),
+        Command::Data(a) => cmd::data::run(a),
+        Command::Learner(a) => cmd::learner::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,6 +1,10 @@
 //! One file per subcommand.
 
 pub mod bench;
+pub mod data;
+pub mod eval;
 pub mod generate;
+pub mod learner;
+pub mod probe;
 pub mod score;
 pub mod tiny;
