@@ -44,6 +44,8 @@ pub struct EvalConfig {
     pub max_pixels: Option<usize>,
     /// Evaluate only the first this many records.
     pub limit: Option<usize>,
+    /// The prompt; the kit's by default, the training template to evaluate a run on its own terms.
+    pub template: PromptTemplate,
 }
 
 impl Default for EvalConfig {
@@ -59,6 +61,7 @@ impl Default for EvalConfig {
             min_pixels: None,
             max_pixels: None,
             limit: None,
+            template: PromptTemplate::EvalKit,
         }
     }
 }
@@ -109,6 +112,7 @@ impl EvalConfig {
             "seed": self.seed,
             "min_pixels": self.min_pixels,
             "max_pixels": self.max_pixels,
+            "template": self.template.name(),
         })
     }
 }
@@ -134,7 +138,7 @@ fn check_settings(dir: &Path, config: &EvalConfig, model: &Path) -> Result<()> {
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let value = serde_json::json!({"generation": key, "model": model.display().to_string(), "template": PromptTemplate::EvalKit.name()});
+            let value = serde_json::json!({"generation": key, "model": model.display().to_string(), "template": config.template.name()});
             write_file(&path, &format!("{value:#}\n"))
         }
         Err(e) => Err(EvalError::io(path, e)),
@@ -223,7 +227,7 @@ fn evaluate_batch(
     config: &EvalConfig,
     chunk_index: u64,
 ) -> Result<Vec<ItemSamples>> {
-    let prompts = records.iter().map(|r| encode(vlm, processor, r, base)).collect::<Result<Vec<EncodedPrompt>>>()?;
+    let prompts = records.iter().map(|r| encode(vlm, processor, r, base, config.template)).collect::<Result<Vec<EncodedPrompt>>>()?;
     let greedy = GenerationParams { sampling: Sampling::Greedy, max_new_tokens: config.max_new_tokens, seed: config.seed };
     let sampled = GenerationParams {
         sampling: Sampling::Random { temperature: config.temperature, top_p: config.top_p, top_k: config.top_k },
@@ -245,9 +249,9 @@ fn evaluate_batch(
         .collect()
 }
 
-/// The eval kit's prompt for one record: images first, then the kit's text.
-fn encode(vlm: &Vlm, processor: &ImageProcessor, record: &VqaRecord, base: &Path) -> Result<EncodedPrompt> {
-    let prompt = PromptTemplate::EvalKit.build(&record.question, &record.options);
+/// The configured template's prompt for one record: images first, then the text.
+fn encode(vlm: &Vlm, processor: &ImageProcessor, record: &VqaRecord, base: &Path, template: PromptTemplate) -> Result<EncodedPrompt> {
+    let prompt = template.build(&record.question, &record.options);
     let images = record
         .image_paths(base)
         .iter()

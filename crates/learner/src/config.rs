@@ -128,12 +128,8 @@ pub struct LearnerConfig {
     pub gradient_checkpointing: bool,
     /// Sequences per forward/backward pass; a step's sequences are split into such micro-batches.
     pub micro_batch_sequences: usize,
-    /// Prompt groups per optimizer step.
-    pub prompts_per_step: usize,
     /// Checkpoint every this many steps (0: only at the end).
     pub save_every: u64,
-    /// Groups sampled more than this many versions ago are rejected (0: strictly on-policy).
-    pub max_staleness: u64,
 }
 
 impl Default for LearnerConfig {
@@ -147,9 +143,7 @@ impl Default for LearnerConfig {
             max_grad_norm: 5.0,
             gradient_checkpointing: true,
             micro_batch_sequences: 8,
-            prompts_per_step: 4,
             save_every: 200,
-            max_staleness: 0,
         }
     }
 }

@@ -1,0 +1,148 @@
+//! One way to stand up a medrl gRPC server: standard health and reflection services, message size
+//! limits, keepalive and the auth hook, so every role's server behaves the same.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Server;
+use tonic::transport::server::Router;
+use tonic_health::server::HealthReporter;
+
+use crate::auth::AuthInterceptor;
+use crate::error::ProtoError;
+use crate::v1::coordinator_server::{Coordinator, CoordinatorServer};
+use crate::v1::learner_server::{Learner, LearnerServer};
+use crate::v1::weights_server::{Weights, WeightsServer};
+
+/// A medrl service behind the shared-token check.
+pub type Guarded<S> = InterceptedService<S, AuthInterceptor>;
+
+/// Default message size limit both ways: large enough for an image or a weight chunk of a few
+/// MiB, small enough that one bad peer cannot make the server allocate gigabytes.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Settings shared by every medrl server.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Largest message accepted or sent, in bytes (default 64 MiB).
+    pub max_message_bytes: usize,
+    /// Server-side cap on a call's duration; `None` (default) leaves deadlines to the clients,
+    /// because a client stream of groups may legitimately last long.
+    pub request_timeout: Option<Duration>,
+    /// HTTP/2 keepalive pings, so dead peers are noticed (default 30 s).
+    pub http2_keepalive_interval: Option<Duration>,
+    /// Concurrent calls per connection (default 256).
+    pub concurrency_limit_per_connection: usize,
+    /// Shared-token check on medrl services; health and reflection stay open for probes.
+    pub auth: AuthInterceptor,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            request_timeout: None,
+            http2_keepalive_interval: Some(Duration::from_secs(30)),
+            concurrency_limit_per_connection: 256,
+            auth: AuthInterceptor::open(),
+        }
+    }
+}
+
+impl ServerOptions {
+    /// The Coordinator service with this server's limits and auth.
+    pub fn coordinator<T: Coordinator>(&self, service: T) -> Guarded<CoordinatorServer<T>> {
+        let server = CoordinatorServer::new(service)
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes);
+        InterceptedService::new(server, self.auth.clone())
+    }
+
+    /// The Learner service with this server's limits and auth.
+    pub fn learner<T: Learner>(&self, service: T) -> Guarded<LearnerServer<T>> {
+        let server = LearnerServer::new(service)
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes);
+        InterceptedService::new(server, self.auth.clone())
+    }
+
+    /// The Weights service with this server's limits and auth.
+    pub fn weights<T: Weights>(&self, service: T) -> Guarded<WeightsServer<T>> {
+        let server = WeightsServer::new(service)
+            .max_decoding_message_size(self.max_message_bytes)
+            .max_encoding_message_size(self.max_message_bytes);
+        InterceptedService::new(server, self.auth.clone())
+    }
+}
+
+/// A server with health and reflection already added; add medrl services, then serve.
+pub struct GrpcServer {
+    router: Router,
+    health: HealthReporter,
+    options: ServerOptions,
+}
+
+impl GrpcServer {
+    /// Builds the transport with the options and adds `grpc.health.v1` and reflection (v1).
+    pub fn new(options: &ServerOptions) -> Result<GrpcServer, ProtoError> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let mut builder = Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(options.http2_keepalive_interval)
+            .concurrency_limit_per_connection(options.concurrency_limit_per_connection);
+        if let Some(timeout) = options.request_timeout {
+            builder = builder.timeout(timeout);
+        }
+        let router = builder.add_service(health_service).add_service(reflection);
+        Ok(GrpcServer { router, health, options: options.clone() })
+    }
+
+    /// The reporter that sets each service's health status.
+    pub fn health(&self) -> HealthReporter {
+        self.health.clone()
+    }
+
+    /// Adds a Coordinator service.
+    pub fn with_coordinator<T: Coordinator>(mut self, service: T) -> GrpcServer {
+        self.router = self.router.add_service(self.options.coordinator(service));
+        self
+    }
+
+    /// Adds a Learner service.
+    pub fn with_learner<T: Learner>(mut self, service: T) -> GrpcServer {
+        self.router = self.router.add_service(self.options.learner(service));
+        self
+    }
+
+    /// Adds a Weights service.
+    pub fn with_weights<T: Weights>(mut self, service: T) -> GrpcServer {
+        self.router = self.router.add_service(self.options.weights(service));
+        self
+    }
+
+    /// The underlying router, to add other services or serve it another way.
+    pub fn into_router(self) -> Router {
+        self.router
+    }
+
+    /// Serves on an already bound listener until `shutdown` completes.
+    pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<(), ProtoError> {
+        self.router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown).await.map_err(ProtoError::Serve)
+    }
+}
+
+/// Binds a TCP listener (port 0 picks a free port) and returns it with its actual address.
+pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ProtoError> {
+    let bind_err = |cause| ProtoError::Bind { addr, cause };
+    let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
+    let local = listener.local_addr().map_err(bind_err)?;
+    Ok((listener, local))
+}
