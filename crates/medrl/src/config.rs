@@ -5,7 +5,14 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
+use medrl_coordinator::CoordinatorConfig;
+use medrl_eval::EvalConfig;
+use medrl_rollout::RolloutConfig;
 use medrl_learner::config::{AlgorithmConfig, LearnerConfig};
+
+use crate::cluster::ClusterSection;
+use crate::train::data::DataSection;
+use crate::train::sft::SftSection;
 use serde::{Deserialize, Serialize};
 
 /// The `run` section.
@@ -34,11 +41,14 @@ pub struct ModelSection {
     pub dtype: String,
     /// cpu or cuda[:N].
     pub device: String,
+    /// Overrides the model's `preprocessor_config.json` (the released run sets 802,816 per image).
+    pub min_pixels: Option<usize>,
+    pub max_pixels: Option<usize>,
 }
 
 impl Default for ModelSection {
     fn default() -> Self {
-        ModelSection { path: None, dtype: "f32".into(), device: "cpu".into() }
+        ModelSection { path: None, dtype: "f32".into(), device: "cpu".into(), min_pixels: None, max_pixels: None }
     }
 }
 
@@ -48,8 +58,14 @@ impl Default for ModelSection {
 pub struct RunConfig {
     pub run: RunSection,
     pub model: ModelSection,
+    pub data: DataSection,
+    pub sft: SftSection,
     pub algorithm: AlgorithmConfig,
+    pub rollout: RolloutConfig,
     pub learner: LearnerConfig,
+    pub coordinator: CoordinatorConfig,
+    pub cluster: ClusterSection,
+    pub eval: EvalConfig,
 }
 
 impl RunConfig {
@@ -68,8 +84,11 @@ impl RunConfig {
         for o in overrides {
             apply_override(&mut value, o)?;
         }
-        let config: RunConfig = yaml_serde::from_value(value)?;
+        // Through serde_path_to_error so a wrong type names its key (`rollout.group_size`), which
+        // deserializing a parsed value alone would not.
+        let config: RunConfig = serde_path_to_error::deserialize(value).map_err(|e| anyhow!("field `{}`: {}", e.path(), e.inner()))?;
         config.learner.validate().map_err(|e| anyhow!("{e}"))?;
+        config.coordinator.validate().map_err(|e| anyhow!("coordinator.{e}"))?;
         Ok(config)
     }
 }

@@ -1,8 +1,10 @@
 //! medrl: reinforcement-learning post-training of medical vision-language models.
 
+mod cluster;
 mod cmd;
 mod config;
 mod runtime;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -16,6 +18,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the recipe: evaluate, SFT, GRPO through the real roles, evaluate (embedded CPU default without --config).
+    Train(cmd::train::Args),
+    /// Validate a run config and print it resolved.
+    Config(cmd::config::Args),
+    /// Serve the coordinator role: prompt leases, the data order, the policy-version clock.
+    Coordinator(cmd::roles::RoleArgs),
     /// Sample completions for one chat prompt (images first, then text).
     Generate(cmd::generate::Args),
     /// Log-prob of every completion token of a JSONL file of prompts and completions.
@@ -39,6 +47,9 @@ fn main() -> std::process::ExitCode {
     runtime::init_logging();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Train(a) => cmd::train::run(a),
+        Command::Coordinator(a) => cmd::roles::coordinator(a),
+        Command::Config(a) => cmd::config::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Score(a) => cmd::score::run(a),
         Command::TinyModel(a) => cmd::tiny::run(a),

@@ -1,10 +1,13 @@
 //! One file per subcommand.
 
 pub mod bench;
+pub mod config;
 pub mod data;
 pub mod eval;
 pub mod generate;
 pub mod learner;
 pub mod probe;
+pub mod roles;
 pub mod score;
 pub mod tiny;
+pub mod train;
