@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use medrl_coordinator::{PromptSet, serve};
+use medrl_learner::service::{LearnerSettings, resume_or_new, serve_learner};
+use medrl_proto::{AuthInterceptor, ClientAuth, ClientOptions, ServerOptions};
+use medrl_rollout::{WorkerSettings, WorkerTuning, run_worker};
 
 use crate::config::RunConfig;
 use crate::train::data::load_split;
@@ -48,6 +51,100 @@ pub fn coordinator(a: RoleArgs) -> Result<()> {
         let handle = serve(cc, prompts).await?;
         tracing::info!(endpoint = %handle.endpoint(), "coordinator serving");
         handle.run_until_stopped(Duration::from_secs(10)).await?;
+        anyhow::Ok(())
+    })
+}
+
+/// The shared token from `cluster.token_file` or `MEDRL_TOKEN_FILE`, if any; never logged.
+pub fn token(config: &RunConfig) -> Result<Option<String>> {
+    let path = config.cluster.token_file.clone().or_else(|| std::env::var_os("MEDRL_TOKEN_FILE").map(PathBuf::from));
+    match path {
+        None => Ok(None),
+        Some(p) => {
+            let t = std::fs::read_to_string(&p).with_context(|| format!("reading the token file {}", p.display()))?;
+            Ok(Some(t.trim().to_string()))
+        }
+    }
+}
+
+/// A worker's settings from the run config.
+pub fn worker_settings(config: &RunConfig, name: String, coordinator: String, learner: String, model_dir: PathBuf) -> Result<WorkerSettings> {
+    let runtime = crate::runtime::DeviceArgs { device: config.model.device.clone(), dtype: config.model.dtype.clone() };
+    let auth = match token(config)? {
+        Some(t) => ClientAuth::with_token(&t).unwrap_or_else(ClientAuth::none),
+        None => ClientAuth::none(),
+    };
+    Ok(WorkerSettings {
+        name,
+        coordinator,
+        learner,
+        model_dir,
+        dtype: runtime.dtype()?,
+        device: runtime.device()?,
+        rollout: config.rollout.clone(),
+        template: config.algorithm.template,
+        system_prompt: config.algorithm.system_prompt.clone(),
+        rewards: config.algorithm.rewards.clone(),
+        health_listen: None,
+        metrics_listen: None,
+        auth,
+        tuning: WorkerTuning::default(),
+    })
+}
+
+/// Runs one rollout worker until the coordinator says the run is done, or a signal.
+pub fn worker(a: RoleArgs) -> Result<()> {
+    let config = a.load()?;
+    let model = config.model.path.clone().context("model.path: a worker needs the model directory (the run's starting weights)")?;
+    let name = std::env::var("HOSTNAME").unwrap_or_else(|_| format!("worker-{}", std::process::id()));
+    let mut settings = worker_settings(&config, name, config.cluster.coordinator.clone(), config.cluster.learner.clone(), model)?;
+    settings.health_listen = config.cluster.worker_health_listen;
+    settings.metrics_listen = config.cluster.worker_metrics_listen;
+    runtime()?.block_on(async move {
+        let stats = run_worker(settings, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+        tracing::info!(?stats, "worker finished");
+        anyhow::Ok(())
+    })
+}
+
+/// The learner service's settings from the run config.
+pub fn learner_settings(config: &RunConfig, coordinator: String, base_model: PathBuf) -> Result<LearnerSettings> {
+    let mut settings = LearnerSettings::from_learner_config(&config.learner);
+    settings.listen = config.cluster.learner_listen;
+    settings.metrics_listen = config.cluster.learner_metrics_listen;
+    settings.coordinator = coordinator;
+    settings.run_dir = config.run.output_dir.join("learner");
+    settings.base_model = base_model;
+    settings.prompts_per_step = config.coordinator.prompts_per_step as usize;
+    settings.max_staleness = u64::from(config.coordinator.max_staleness);
+    if let Some(t) = token(config)? {
+        settings.server = ServerOptions { auth: AuthInterceptor::with_token(&t), ..settings.server };
+        settings.client = ClientOptions { auth: ClientAuth::with_token(&t).unwrap_or_else(ClientAuth::none), ..settings.client };
+    }
+    Ok(settings)
+}
+
+/// Serves the learner until the coordinator's run is done (resuming from the newest checkpoint of
+/// the run directory when there is one).
+pub fn learner(a: RoleArgs) -> Result<()> {
+    let config = a.load()?;
+    let base = config.model.path.clone().context("model.path: the learner needs the starting model directory")?;
+    let runtime_args = crate::runtime::DeviceArgs { device: config.model.device.clone(), dtype: config.model.dtype.clone() };
+    let (dtype, device) = (runtime_args.dtype()?, runtime_args.device()?);
+    let settings = learner_settings(&config, config.cluster.coordinator.clone(), base.clone())?;
+    std::fs::create_dir_all(&settings.run_dir).with_context(|| format!("creating {}", settings.run_dir.display()))?;
+    let (trainer, _) = resume_or_new(&settings.run_dir, &base, config.algorithm.clone(), config.learner.clone(), dtype, &device)?;
+    runtime()?.block_on(async move {
+        let handle = serve_learner(settings, trainer).await?;
+        tracing::info!(endpoint = %handle.endpoint(), "learner serving");
+        tokio::select! {
+            r = handle.wait_done() => { r?; }
+            _ = tokio::signal::ctrl_c() => { tracing::info!("interrupted"); }
+        }
+        handle.shutdown().await?;
         anyhow::Ok(())
     })
 }

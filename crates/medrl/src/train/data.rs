@@ -22,11 +22,14 @@ pub struct SyntheticSection {
     pub canvas: u32,
     /// Task families, e.g. shape, colour, position, count, colour_count.
     pub families: Vec<String>,
+    /// Drop the options: the answer is the word itself (`red`), judged as free text. A tiny
+    /// model learns image -> word far sooner than image -> option text -> shuffled letter.
+    pub open_ended: bool,
 }
 
 impl Default for SyntheticSection {
     fn default() -> Self {
-        SyntheticSection { rl_size: 80, sft_size: 640, eval_size: 64, seed: 1, canvas: 56, families: ["shape", "colour", "position", "count"].map(String::from).to_vec() }
+        SyntheticSection { rl_size: 80, sft_size: 640, eval_size: 64, seed: 1, canvas: 56, families: ["shape", "colour", "position", "count"].map(String::from).to_vec(), open_ended: true }
     }
 }
 
@@ -73,7 +76,13 @@ pub fn load_split(source: &str, which: &str, size: usize, seed_offset: u64, s: &
     let dir = run_dir.join("data");
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let spec = SyntheticSpec { count: size, seed: s.seed.wrapping_add(seed_offset), canvas: s.canvas, families, image_prefix: format!("images/{which}") };
-    let records = write_synthetic(&spec, &dir).with_context(|| format!("generating synthetic {which} data"))?;
+    let mut records = write_synthetic(&spec, &dir).with_context(|| format!("generating synthetic {which} data"))?;
+    if s.open_ended {
+        for r in &mut records {
+            r.options.clear();
+            r.answer_label = None;
+        }
+    }
     let file = dir.join(format!("{which}.jsonl"));
     medrl_vqa::write_records(&file, &records)?;
     Ok(Split { records, file })

@@ -1,0 +1,120 @@
+//! Weight updates between groups: when the coordinator reports a newer policy version than the
+//! one held, fetch it from the learner's Weights service, verify and decode it, and rebuild the
+//! model. A failed or corrupt update keeps the old weights and is retried with backoff.
+
+use std::time::{Duration, Instant};
+
+use medrl_proto::client::AuthedChannel;
+use medrl_proto::v1::weights_client::WeightsClient;
+use medrl_weight_sync::FetchOptions;
+use tracing::Instrument;
+
+use crate::backoff::Backoff;
+use crate::error::WeightError;
+use crate::metrics::WorkerMetrics;
+use crate::policy::Policy;
+use crate::settings::WorkerTuning;
+use crate::stop::Stop;
+
+/// Fetches and installs new weights, remembering failures so they are retried with backoff.
+pub struct WeightUpdater {
+    client: WeightsClient<AuthedChannel>,
+    options: FetchOptions,
+    backoff: Backoff,
+    retry_at: Option<Instant>,
+    tries_when_required: u32,
+    failed_tries: u64,
+}
+
+/// What an update attempt did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpdateOutcome {
+    /// Nothing to do: the held version is new enough.
+    Current,
+    /// A failed update is waiting out its backoff.
+    Deferred,
+    /// Weights of this version were installed.
+    Installed(u64),
+    /// Every try failed; the old weights stay.
+    Failed,
+}
+
+impl WeightUpdater {
+    /// An updater over a Weights client.
+    pub fn new(client: WeightsClient<AuthedChannel>, tuning: &WorkerTuning) -> Self {
+        WeightUpdater {
+            client,
+            options: FetchOptions { timeout: tuning.weight_fetch_timeout, ..FetchOptions::default() },
+            backoff: Backoff::new(tuning.backoff_initial, tuning.backoff_max),
+            retry_at: None,
+            tries_when_required: tuning.weight_tries_per_group.max(1),
+            failed_tries: 0,
+        }
+    }
+
+    /// One fetch, verify, decode and install of a version `>= min_version`.
+    async fn try_once(&mut self, policy: &mut Policy, min_version: u64, metrics: &WorkerMetrics) -> Result<u64, WeightError> {
+        let started = Instant::now();
+        let fetched = medrl_weight_sync::fetch_weights_with(self.client.clone(), min_version, &self.options)
+            .await
+            .map_err(|cause| WeightError::Fetch { min_version, cause })?;
+        if fetched.version < min_version {
+            return Err(WeightError::Older { min_version, served: fetched.version });
+        }
+        let version = fetched.version;
+        let bytes = fetched.blob.len();
+        policy.install(version, fetched.blob).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        metrics.weight_fetch.observe(seconds);
+        tracing::info!(version, bytes, seconds, "new weights installed");
+        Ok(version)
+    }
+
+    /// Brings `policy` to version `target` or newer, if it holds an older one. `required` means a
+    /// lease asks for that version: then up to the configured number of tries are made now, with
+    /// backoff between them. Otherwise one try is made if no failure's backoff is pending.
+    /// `refetch` (after the coordinator refused the held version as nonexistent) takes whatever
+    /// version the learner serves now, even an older one.
+    pub async fn update(&mut self, policy: &mut Policy, target: u64, required: bool, refetch: bool, metrics: &WorkerMetrics, stop: &Stop) -> UpdateOutcome {
+        if !refetch && policy.version() >= target {
+            return UpdateOutcome::Current;
+        }
+        if !required && !refetch && self.retry_at.is_some_and(|at| Instant::now() < at) {
+            return UpdateOutcome::Deferred;
+        }
+        let min_version = if refetch { 0 } else { target };
+        let tries = if required { self.tries_when_required } else { 1 };
+        let span = tracing::info_span!("weight_update", held = policy.version(), target, required);
+        for attempt in 1..=tries {
+            let result = self.try_once(policy, min_version, metrics).instrument(span.clone()).await;
+            match result {
+                Ok(version) => {
+                    self.backoff.reset();
+                    self.retry_at = None;
+                    return UpdateOutcome::Installed(version);
+                }
+                Err(e) => {
+                    self.failed_tries += 1;
+                    metrics.weight_failures.inc();
+                    let delay = self.backoff.next_delay();
+                    self.retry_at = Some(Instant::now() + delay);
+                    tracing::warn!(parent: &span, attempt, error = %e, retry_in = ?delay, "weight update failed; keeping version {}", policy.version());
+                    if attempt < tries && stop.sleep(delay).await {
+                        break;
+                    }
+                }
+            }
+        }
+        UpdateOutcome::Failed
+    }
+
+    /// Fetch tries that failed so far (each left the old weights in place).
+    pub fn failed_tries(&self) -> u64 {
+        self.failed_tries
+    }
+
+    /// Delay before the next try after the latest failure, for logs and tests.
+    pub fn pending_retry(&self) -> Option<Duration> {
+        self.retry_at.map(|at| at.saturating_duration_since(Instant::now()))
+    }
+}
