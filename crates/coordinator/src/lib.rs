@@ -14,6 +14,7 @@ pub mod handle;
 pub mod images;
 pub mod journal;
 pub mod ledger;
+pub mod loadgen;
 pub mod metrics;
 pub mod order;
 pub mod prompts;

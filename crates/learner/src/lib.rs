@@ -16,6 +16,7 @@ pub mod mask;
 pub mod optim;
 pub mod policy;
 pub mod schedule;
+pub mod service;
 pub mod trainer;
 
 pub use care::{CareConfig, CareGroup, EmaConfig, care_bonus, care_bonus_grouped};

@@ -20,6 +20,8 @@ struct Cli {
 enum Command {
     /// Run the recipe: evaluate, SFT, GRPO through the real roles, evaluate (embedded CPU default without --config).
     Train(cmd::train::Args),
+    /// Run a rollout worker: lease prompts, sample K completions each, stream rewarded groups.
+    Worker(cmd::roles::RoleArgs),
     /// Validate a run config and print it resolved.
     Config(cmd::config::Args),
     /// Serve the coordinator role: prompt leases, the data order, the policy-version clock.
@@ -37,7 +39,7 @@ enum Command {
     /// Measure speed on a model or a random one of any config, printing JSON.
     #[command(subcommand)]
     Bench(cmd::bench::Bench),
-    /// The learner: `step` applies one optimizer step from a recorded batch.
+    /// The learner role (`--config FILE`), or `step`: one optimizer step from a recorded batch.
     Learner(cmd::learner::Args),
     /// Datasets to record JSONL (MedMNIST, PMC-VQA, eval kit, LLaVA, synthetic); subsets and filters.
     Data(cmd::data::Args),
@@ -50,6 +52,7 @@ fn main() -> std::process::ExitCode {
         Command::Train(a) => cmd::train::run(a),
         Command::Coordinator(a) => cmd::roles::coordinator(a),
         Command::Config(a) => cmd::config::run(a),
+        Command::Worker(a) => cmd::roles::worker(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Score(a) => cmd::score::run(a),
         Command::TinyModel(a) => cmd::tiny::run(a),

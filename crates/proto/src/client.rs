@@ -1,4 +1,4 @@
-//! Client channels with deadlines and limits, and typed clients that carry the auth hook.
+//! Client channels with deadlines, limits and TLS, and typed clients that carry the auth hook.
 
 use std::time::Duration;
 
@@ -8,6 +8,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::auth::ClientAuth;
 use crate::error::ProtoError;
+use crate::security::{Security, TlsSettings};
 use crate::server::DEFAULT_MAX_MESSAGE_BYTES;
 use crate::v1::coordinator_client::CoordinatorClient;
 use crate::v1::learner_client::LearnerClient;
@@ -28,8 +29,10 @@ pub struct ClientOptions {
     pub max_message_bytes: usize,
     /// HTTP/2 keepalive pings, so a dead server is noticed between calls (default 30 s).
     pub keepalive_interval: Duration,
-    /// Token and later TLS settings.
+    /// The shared token sent with every call.
     pub auth: ClientAuth,
+    /// TLS (`None`: plaintext); with it, `http://` endpoints are dialled as `https://`.
+    pub tls: Option<TlsSettings>,
 }
 
 impl Default for ClientOptions {
@@ -40,13 +43,39 @@ impl Default for ClientOptions {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             keepalive_interval: Duration::from_secs(30),
             auth: ClientAuth::none(),
+            tls: None,
         }
     }
 }
 
-/// Connects to `endpoint` (e.g. `http://127.0.0.1:50051`) within the connect timeout.
+impl ClientOptions {
+    /// These options with the token and the TLS settings of `security`.
+    pub fn with_security(mut self, security: &Security) -> Result<ClientOptions, ProtoError> {
+        self.auth = ClientAuth::from_token(security.token.as_ref())?;
+        self.tls = security.tls.clone();
+        Ok(self)
+    }
+}
+
+/// The endpoint to dial: with TLS on, `http://` becomes `https://` (configs list peers once, and
+/// upgrading never weakens anything); without TLS, `https://` is an error rather than a silent
+/// plaintext connection or a handshake with no trusted CA.
+fn dial_uri(endpoint: &str, tls: bool) -> Result<String, ProtoError> {
+    match (tls, endpoint.strip_prefix("http://"), endpoint.starts_with("https://")) {
+        (true, Some(rest), _) => Ok(format!("https://{rest}")),
+        (false, _, true) => Err(ProtoError::Security {
+            setting: "security.tls".into(),
+            problem: format!("endpoint {endpoint} is https but TLS is not configured (set security.tls.ca)"),
+        }),
+        _ => Ok(endpoint.to_string()),
+    }
+}
+
+/// Connects to `endpoint` (e.g. `http://127.0.0.1:50051`) within the connect timeout, over TLS
+/// when the options carry TLS settings.
 pub async fn connect(endpoint: &str, options: &ClientOptions) -> Result<Channel, ProtoError> {
-    let mut ep = Endpoint::from_shared(endpoint.to_string())
+    let uri = dial_uri(endpoint, options.tls.is_some())?;
+    let mut ep = Endpoint::from_shared(uri)
         .map_err(|cause| ProtoError::Endpoint { endpoint: endpoint.to_string(), cause })?
         .connect_timeout(options.connect_timeout)
         .tcp_nodelay(true)
@@ -54,6 +83,9 @@ pub async fn connect(endpoint: &str, options: &ClientOptions) -> Result<Channel,
         .keep_alive_while_idle(true);
     if let Some(timeout) = options.request_timeout {
         ep = ep.timeout(timeout);
+    }
+    if let Some(tls) = &options.tls {
+        ep = ep.tls_config(tls.client_config()?).map_err(ProtoError::Tls)?;
     }
     ep.connect().await.map_err(|cause| ProtoError::Connect { endpoint: endpoint.to_string(), cause })
 }

@@ -41,4 +41,15 @@ pub enum ProtoError {
         /// The read error.
         cause: std::io::Error,
     },
+    /// A security setting is missing, inconsistent or holds the wrong kind of data.
+    #[error("{setting}: {problem}")]
+    Security {
+        /// The setting, variable or file (never a secret's value).
+        setting: String,
+        /// What is wrong and what was expected.
+        problem: String,
+    },
+    /// The TLS configuration was refused by the transport (after the files parsed).
+    #[error("setting up TLS: {0}")]
+    Tls(tonic::transport::Error),
 }

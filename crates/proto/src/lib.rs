@@ -1,7 +1,7 @@
 //! The gRPC contract between medrl processes (`proto/medrl.proto`, package `medrl.v1`): the
 //! generated messages and stubs, the encoded descriptor set for reflection, and small helpers
 //! every role shares (server setup with health, reflection and limits; client channels with
-//! deadlines; group ids; field-naming error statuses).
+//! deadlines; TLS and the shared token; group ids; field-naming error statuses).
 
 #![warn(missing_docs)]
 
@@ -9,6 +9,7 @@ pub mod auth;
 pub mod client;
 pub mod error;
 pub mod ids;
+pub mod security;
 pub mod server;
 pub mod status;
 
@@ -24,6 +25,7 @@ pub use auth::{AuthInterceptor, ClientAuth};
 pub use client::{ClientOptions, connect, with_deadline};
 pub use error::ProtoError;
 pub use ids::{GroupId, NCCL_UNIQUE_ID_LEN, group_id, is_sha256_hex};
+pub use security::{Security, SecuritySection, TlsSettings, Token};
 pub use server::{GrpcServer, Guarded, ServerOptions};
 
 /// Encoded `FileDescriptorSet` of `medrl.proto`, for gRPC reflection and tooling.

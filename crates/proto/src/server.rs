@@ -1,19 +1,23 @@
 //! One way to stand up a medrl gRPC server: standard health and reflection services, message size
-//! limits, keepalive and the auth hook, so every role's server behaves the same.
+//! limits, keepalive, TLS and the auth hook, so every role's server behaves the same.
+//!
+//! TLS, when set, covers the whole listener (health and reflection included); the token and the
+//! client-certificate check cover the medrl services (Coordinator, Learner, Weights) only, so
+//! probes can ask `grpc.health.v1.Health` without secrets.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
-use tonic::transport::server::Router;
+use tonic::transport::server::{Router, TcpIncoming};
 use tonic_health::server::HealthReporter;
 
 use crate::auth::AuthInterceptor;
 use crate::error::ProtoError;
+use crate::security::{Security, TlsSettings};
 use crate::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use crate::v1::learner_server::{Learner, LearnerServer};
 use crate::v1::weights_server::{Weights, WeightsServer};
@@ -39,6 +43,11 @@ pub struct ServerOptions {
     pub concurrency_limit_per_connection: usize,
     /// Shared-token check on medrl services; health and reflection stay open for probes.
     pub auth: AuthInterceptor,
+    /// TLS on the whole listener (`None`: plaintext).
+    pub tls: Option<TlsSettings>,
+    /// Time a client gets to finish the TLS handshake (default 10 s), so half-open connections
+    /// cannot pile up.
+    pub tls_handshake_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -49,11 +58,22 @@ impl Default for ServerOptions {
             http2_keepalive_interval: Some(Duration::from_secs(30)),
             concurrency_limit_per_connection: 256,
             auth: AuthInterceptor::open(),
+            tls: None,
+            tls_handshake_timeout: Duration::from_secs(10),
         }
     }
 }
 
 impl ServerOptions {
+    /// These options with the token check, TLS and (when `client_ca` is set) the
+    /// client-certificate check of `security`.
+    pub fn with_security(mut self, security: &Security) -> ServerOptions {
+        let mutual = security.tls.as_ref().is_some_and(TlsSettings::mutual);
+        self.auth = AuthInterceptor::from_token(security.token.as_ref()).require_client_cert(mutual);
+        self.tls = security.tls.clone();
+        self
+    }
+
     /// The Coordinator service with this server's limits and auth.
     pub fn coordinator<T: Coordinator>(&self, service: T) -> Guarded<CoordinatorServer<T>> {
         let server = CoordinatorServer::new(service)
@@ -98,6 +118,20 @@ impl GrpcServer {
             .tcp_nodelay(true)
             .http2_keepalive_interval(options.http2_keepalive_interval)
             .concurrency_limit_per_connection(options.concurrency_limit_per_connection);
+        match &options.tls {
+            Some(tls) => {
+                builder = builder.tls_config(tls.server_config(options.tls_handshake_timeout)?).map_err(ProtoError::Tls)?;
+            }
+            None if options.auth.requires_client_cert() => {
+                // Without TLS no call could ever carry a certificate: refuse to start rather than
+                // serve a server that rejects everything.
+                return Err(ProtoError::Security {
+                    setting: "security.tls".into(),
+                    problem: "client certificates are required but TLS is off".into(),
+                });
+            }
+            None => {}
+        }
         if let Some(timeout) = options.request_timeout {
             builder = builder.timeout(timeout);
         }
@@ -135,7 +169,23 @@ impl GrpcServer {
 
     /// Serves on an already bound listener until `shutdown` completes.
     pub async fn serve(self, listener: TcpListener, shutdown: impl Future<Output = ()> + Send) -> Result<(), ProtoError> {
-        self.router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown).await.map_err(ProtoError::Serve)
+        if let Ok(addr) = listener.local_addr() {
+            let tls = self.options.tls.is_some();
+            if !tls && !addr.ip().is_loopback() {
+                // Said once at start: the operator should know what crosses the network in clear.
+                if self.options.auth.is_enforced() {
+                    tracing::warn!(%addr, "gRPC without TLS: the shared token travels in clear; set security.tls");
+                } else {
+                    tracing::warn!(%addr, "gRPC without TLS or token: anyone who reaches this address can call it");
+                }
+            }
+            tracing::info!(%addr, tls, mutual_tls = self.options.auth.requires_client_cert(), token = self.options.auth.is_enforced(), "gRPC serving");
+        }
+        // `Server::tcp_nodelay` only reaches sockets tonic accepts itself; with our own listener
+        // the accepted sockets must get it here, or Nagle's algorithm holds the response's last
+        // frame until the client's delayed ACK and every unary call takes ~40 ms.
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        self.router.serve_with_incoming_shutdown(incoming, shutdown).await.map_err(ProtoError::Serve)
     }
 }
 

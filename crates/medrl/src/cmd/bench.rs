@@ -24,6 +24,8 @@ pub enum Bench {
     Rollout(RolloutArgs),
     /// Learner: forward + backward of the GRPO loss over a batch of sequences, then AdamW.
     Learner(LearnerArgs),
+    /// Coordinator: leases/s and lease latency under simulated workers on loopback.
+    Coordinator(super::bench_coordinator::CoordinatorArgs),
 }
 
 /// Arguments of `medrl bench learner`.
@@ -89,6 +91,7 @@ pub fn run(b: Bench) -> Result<()> {
     match b {
         Bench::Rollout(a) => rollout(a),
         Bench::Learner(a) => learner(a),
+        Bench::Coordinator(a) => super::bench_coordinator::run(a),
     }
 }
 

@@ -9,11 +9,17 @@ use medrl_learner::trainer::Trainer;
 use crate::config::RunConfig;
 use crate::runtime::DeviceArgs;
 
-/// Arguments of `medrl learner`.
+/// Arguments of `medrl learner`: the role (`--config FILE`) or a subcommand.
 #[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct Args {
     #[command(subcommand)]
-    pub command: LearnerCommand,
+    pub command: Option<LearnerCommand>,
+    /// Run config: serve the learner role.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long = "set")]
+    pub overrides: Vec<String>,
 }
 
 /// What the learner does.
@@ -47,8 +53,10 @@ pub struct StepArgs {
 
 /// Runs the learner command.
 pub fn run(a: Args) -> Result<()> {
-    match a.command {
-        LearnerCommand::Step(s) => step(s),
+    match (a.command, a.config) {
+        (Some(LearnerCommand::Step(s)), _) => step(s),
+        (None, Some(config)) => crate::cmd::roles::learner(crate::cmd::roles::RoleArgs { config, overrides: a.overrides }),
+        (None, None) => anyhow::bail!("medrl learner: give --config FILE to serve the learner, or the `step` subcommand"),
     }
 }
 

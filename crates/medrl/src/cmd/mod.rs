@@ -1,6 +1,7 @@
 //! One file per subcommand.
 
 pub mod bench;
+pub mod bench_coordinator;
 pub mod config;
 pub mod data;
 pub mod eval;

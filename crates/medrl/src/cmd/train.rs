@@ -12,6 +12,7 @@ use serde_json::json;
 use crate::config::RunConfig;
 use crate::runtime::DeviceArgs;
 use crate::train::data::{Split, load_split};
+use crate::train::rl::run_rl;
 use crate::train::sft::run_sft;
 
 /// The embedded default config (`configs/default.yaml`).
@@ -92,8 +93,33 @@ pub fn run(a: Args) -> Result<()> {
         policy = out;
         evaluate_phase(&policy, "sft")?;
     }
-    let _ = Split::base;
-    let summary = json!({"run_dir": run_dir, "model": policy, "evals": evals});
+    let mut rl_summary = serde_json::Value::Null;
+    if config.learner.total_steps > 0 {
+        let split = load_split(&config.data.train, "train", s.rl_size, 0, s, &run_dir)?;
+        let bar = medrl_eval::run::progress_bar(config.learner.total_steps, "GRPO");
+        let mut on_step = |step: u64| {
+            bar.set_position(step);
+        };
+        let outcome = run_rl(&config, &policy, &split, &run_dir, dtype, &device, &mut on_step)?;
+        bar.finish_and_clear();
+        let steps = read_steps(&run_dir.join("rl").join(medrl_learner::service::METRICS_JSONL));
+        let (first, last) = (window_mean(&steps, true), window_mean(&steps, false));
+        eprintln!(
+            "   RL: {} steps in {:.0} s; mean reward {:.3} -> {:.3}, rollout accuracy {:.1}% -> {:.1}%",
+            outcome.steps, outcome.seconds, first.0, last.0, 100.0 * first.1, 100.0 * last.1
+        );
+        rl_summary = json!({"steps": outcome.steps, "seconds": outcome.seconds, "mean_reward_first": first.0, "mean_reward_last": last.0, "accuracy_first": first.1, "accuracy_last": last.1});
+        policy = outcome.model;
+        evaluate_phase(&policy, "after")?;
+    }
+    if !evals.is_empty() {
+        eprintln!("\n| phase | Acc@1 | Pass@K | format failures |\n|---|---|---|---|");
+        for e in &evals {
+            eprintln!("| {} | {:.1}% | {:.1}% (K={}) | {:.1}% |", e.phase, 100.0 * e.acc_at_1, 100.0 * e.pass_at_k, e.k, 100.0 * e.format_failure_rate);
+        }
+    }
+    eprintln!("run directory: {}", run_dir.display());
+    let summary = json!({"run_dir": run_dir, "model": policy, "evals": evals, "rl": rl_summary});
     std::fs::write(run_dir.join("summary.json"), serde_json::to_string_pretty(&summary)?)?;
     Ok(())
 }
@@ -124,4 +150,24 @@ pub fn append_metrics(run_dir: &Path, mut value: serde_json::Value) -> Result<()
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
     writeln!(f, "{value}")?;
     Ok(())
+}
+
+/// (mean reward, mean accuracy) of each RL step in the learner's metrics.jsonl.
+fn read_steps(path: &Path) -> Vec<(f64, f64)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| (v["mean_reward"].as_f64().unwrap_or(f64::NAN), v["mean_accuracy"].as_f64().unwrap_or(f64::NAN)))
+        .collect()
+}
+
+/// Mean over the first (or last) quarter of the steps, at least one.
+fn window_mean(steps: &[(f64, f64)], first: bool) -> (f64, f64) {
+    if steps.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    let n = (steps.len() / 4).max(1);
+    let w = if first { &steps[..n] } else { &steps[steps.len() - n..] };
+    (w.iter().map(|s| s.0).sum::<f64>() / n as f64, w.iter().map(|s| s.1).sum::<f64>() / n as f64)
 }

@@ -2,4 +2,5 @@
 //! model has support, evaluation, GRPO through the real roles over gRPC, evaluation after.
 
 pub mod data;
+pub mod rl;
 pub mod sft;
