@@ -24,8 +24,21 @@ pub enum Bench {
     Rollout(RolloutArgs),
     /// Learner: forward + backward of the GRPO loss over a batch of sequences, then AdamW.
     Learner(LearnerArgs),
+    /// Weight sync: the gRPC chunk stream's throughput on loopback (publish, fetch, checksum).
+    WeightSync(WeightSyncArgs),
     /// Coordinator: leases/s and lease latency under simulated workers on loopback.
     Coordinator(super::bench_coordinator::CoordinatorArgs),
+}
+
+/// Arguments of `medrl bench weight-sync`.
+#[derive(clap::Args, Debug)]
+pub struct WeightSyncArgs {
+    /// Blob size in MiB (16.6 GB for Qwen2.5-VL-7B in bf16).
+    #[arg(long, default_value_t = 1024)]
+    pub mib: usize,
+    /// Chunk size in MiB.
+    #[arg(long, default_value_t = 4)]
+    pub chunk_mib: usize,
 }
 
 /// Arguments of `medrl bench learner`.
@@ -92,6 +105,7 @@ pub fn run(b: Bench) -> Result<()> {
         Bench::Rollout(a) => rollout(a),
         Bench::Learner(a) => learner(a),
         Bench::Coordinator(a) => super::bench_coordinator::run(a),
+        Bench::WeightSync(a) => weight_sync(a),
     }
 }
 
@@ -277,5 +291,12 @@ fn learner(a: LearnerArgs) -> Result<()> {
         "peak_rss_bytes": peak_rss_bytes(),
     });
     println!("{report}");
+    Ok(())
+}
+
+fn weight_sync(a: WeightSyncArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let gbps = runtime.block_on(medrl_weight_sync::bench_loopback(a.mib << 20, a.chunk_mib << 20))?;
+    println!("{}", serde_json::json!({"bench": "weight-sync", "transport": "grpc", "bytes": a.mib << 20, "chunk_bytes": a.chunk_mib << 20, "gb_per_s": gbps}));
     Ok(())
 }
