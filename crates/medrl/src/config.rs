@@ -75,6 +75,14 @@ impl RunConfig {
         Self::parse(&text, overrides).with_context(|| format!("config {}", path.display()))
     }
 
+    /// `path`'s config, or the embedded default (`configs/default.yaml`) when there is none.
+    pub fn load_or_default(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        match path {
+            Some(p) => Self::load(p, overrides),
+            None => Self::parse(crate::cmd::train::DEFAULT_CONFIG, overrides).context("the embedded default config"),
+        }
+    }
+
     /// Parses YAML text with overrides.
     pub fn parse(text: &str, overrides: &[String]) -> Result<Self> {
         let mut value: yaml_serde::Value = yaml_serde::from_str(text)?;

@@ -57,8 +57,10 @@ pub fn decode_weights(blob: &[u8], config: &Config, dtype: DType, device: &Devic
     for (key, view) in file.tensors() {
         let name = legacy_name(&key);
         let Some(shape) = expected.get(&name) else {
-            // A tied model may still carry lm_head; like any unused tensor it is dropped.
-            ignored.push(name);
+            // A tied model may still carry lm_head (it equals the embedding): dropped quietly.
+            if !(config.tie_word_embeddings && name == "lm_head.weight") {
+                ignored.push(name);
+            }
             continue;
         };
         let bad = |problem: String| WeightSyncError::Tensor { name: name.clone(), problem };

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::cmd::train::DEFAULT_CONFIG;
 use crate::config::RunConfig;
 
 /// Arguments of `medrl config`.
@@ -22,10 +21,7 @@ pub struct Args {
 
 /// Prints the resolved config, or fails naming the file and the key.
 pub fn run(a: Args) -> Result<()> {
-    let config = match &a.config {
-        Some(path) => RunConfig::load(path, &a.overrides)?,
-        None => RunConfig::parse(DEFAULT_CONFIG, &a.overrides)?,
-    };
+    let config = RunConfig::load_or_default(a.config.as_deref(), &a.overrides)?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&config)?);
     } else {

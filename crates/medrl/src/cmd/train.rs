@@ -41,10 +41,7 @@ struct EvalLine {
 
 /// Runs the recipe.
 pub fn run(a: Args) -> Result<()> {
-    let config = match &a.config {
-        Some(path) => RunConfig::load(path, &a.overrides)?,
-        None => RunConfig::parse(DEFAULT_CONFIG, &a.overrides).context("the embedded default config")?,
-    };
+    let config = RunConfig::load_or_default(a.config.as_deref(), &a.overrides)?;
     let runtime = DeviceArgs { device: config.model.device.clone(), dtype: config.model.dtype.clone() };
     let (dtype, device) = (runtime.dtype()?, runtime.device()?);
     let run_dir = config.run.output_dir.clone();
