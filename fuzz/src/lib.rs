@@ -28,12 +28,34 @@ fn is_binary_reward(x: f64) -> bool {
 }
 
 /// Answer parsers and rewards: input = completion 0xFF gold answer 0xFF options (newline-separated)
-/// 0xFF label. Every reward is 0 or 1, the weighted total is finite, and parsers do not panic.
+/// 0xFF label selector. The gold is shaped as a validated record's is (a label is one letter
+/// naming an existing option, and the answer is that option's text), since the rewards only
+/// ever see validated records. Every reward is 0 or 1, the weighted total is finite, a correct
+/// judgement has a prediction, and parsers do not panic.
 pub fn answer_rewards(data: &[u8]) {
     let f = fields(data, 4);
-    let (completion, answer, label) = (&f[0], &f[1], &f[3]);
-    let options: Vec<String> = if f[2].is_empty() { Vec::new() } else { f[2].split('\n').map(str::to_string).collect() };
-    let label = (!label.is_empty()).then_some(label.as_str());
+    let completion = &f[0];
+    let mut options: Vec<String> = if f[2].is_empty() { Vec::new() } else { f[2].split('\n').map(str::to_string).collect() };
+    options.truncate(26);
+    // The selector's first byte picks the correct option; no selector (or no options): free-form.
+    let chosen = match (f[3].as_bytes().first(), options.len()) {
+        (Some(&b), n) if n > 0 => Some(usize::from(b) % n),
+        _ => None,
+    };
+    let letters: Vec<String> = (b'A'..=b'Z').map(|c| char::from(c).to_string()).collect();
+    let label = chosen.map(|i| letters[i].as_str());
+    let answer = chosen.map_or(f[1].as_str(), |i| options[i].as_str());
+    let record = medrl_vqa::VqaRecord {
+        id: "fuzz".into(),
+        dataset: "fuzz".into(),
+        modality: String::new(),
+        images: Vec::new(),
+        question: String::new(),
+        options: options.clone(),
+        answer_label: label.map(str::to_string),
+        answer: answer.to_string(),
+    };
+    assert!(record.validate().is_ok(), "the harness builds valid golds");
     let gold = Gold { answer, label, options: &options };
 
     let outcome = RewardConfig::default().score(completion, &gold);
@@ -53,8 +75,8 @@ pub fn answer_rewards(data: &[u8]) {
         // The tag's content is a slice of the completion.
         assert!(completion.contains(inner.trim()));
     }
-    if let Some(letter) = parse_mcq_letter(completion, options.len().min(26)) {
-        assert!(letter.is_ascii_uppercase() && ((letter as u8 - b'A') as usize) < options.len().min(26), "letter {letter} out of range");
+    if let Some(letter) = parse_mcq_letter(completion, options.len()) {
+        assert!(letter.is_ascii_uppercase() && ((letter as u8 - b'A') as usize) < options.len(), "letter {letter} out of range");
     }
     let _ = parse_freeform(completion);
     let _ = normalize_text(completion);
