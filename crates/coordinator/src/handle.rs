@@ -39,6 +39,12 @@ async fn stop_signal(mut rx: watch::Receiver<bool>) {
 /// Starts a coordinator for `prompts` (resuming its journal if there is one) and returns once
 /// both endpoints are listening. Must be called inside a tokio runtime.
 pub async fn serve(config: CoordinatorConfig, prompts: PromptSet) -> Result<CoordinatorHandle, CoordinatorError> {
+    serve_with(config, prompts, ServerOptions::default()).await
+}
+
+/// Like [`serve`], with server options from the caller (the shared token, TLS); the message size
+/// limit still comes from `config`.
+pub async fn serve_with(config: CoordinatorConfig, prompts: PromptSet, options: ServerOptions) -> Result<CoordinatorHandle, CoordinatorError> {
     config.validate()?;
     let prompts = Arc::new(prompts);
     let (events, journal) = match &config.journal {
@@ -75,7 +81,7 @@ pub async fn serve(config: CoordinatorConfig, prompts: PromptSet) -> Result<Coor
         config: config.clone(),
     });
 
-    let options = ServerOptions { max_message_bytes: config.max_message_bytes, ..ServerOptions::default() };
+    let options = ServerOptions { max_message_bytes: config.max_message_bytes, ..options };
     let server = GrpcServer::new(&options)?;
     let health = server.health();
     sweeper::set_health(&health, ServingStatus::Serving).await;

@@ -25,5 +25,5 @@ mod sweeper;
 
 pub use config::{ConfigError, CoordinatorConfig, SupportConfig};
 pub use error::CoordinatorError;
-pub use handle::{CoordinatorHandle, serve};
+pub use handle::{CoordinatorHandle, serve, serve_with};
 pub use prompts::PromptSet;

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use medrl_coordinator::{PromptSet, serve};
+use medrl_coordinator::{PromptSet, serve_with};
 use medrl_learner::service::{LearnerSettings, resume_or_new, serve_learner};
 use medrl_proto::{AuthInterceptor, ClientAuth, ClientOptions, ServerOptions};
 use medrl_rollout::{WorkerSettings, WorkerTuning, run_worker};
@@ -47,8 +47,12 @@ pub fn coordinator(a: RoleArgs) -> Result<()> {
         cc.journal = Some(run_dir.join("coordinator.journal"));
     }
     let prompts = PromptSet::from_jsonl(&split.file)?;
+    let options = match token(&config)? {
+        Some(t) => ServerOptions { auth: AuthInterceptor::with_token(&t), ..ServerOptions::default() },
+        None => ServerOptions::default(),
+    };
     runtime()?.block_on(async move {
-        let handle = serve(cc, prompts).await?;
+        let handle = serve_with(cc, prompts, options).await?;
         tracing::info!(endpoint = %handle.endpoint(), "coordinator serving");
         handle.run_until_stopped(Duration::from_secs(10)).await?;
         anyhow::Ok(())
@@ -62,7 +66,9 @@ pub fn token(config: &RunConfig) -> Result<Option<String>> {
         None => Ok(None),
         Some(p) => {
             let t = std::fs::read_to_string(&p).with_context(|| format!("reading the token file {}", p.display()))?;
-            Ok(Some(t.trim().to_string()))
+            let t = t.trim();
+            anyhow::ensure!(!t.is_empty() && t.is_ascii(), "token file {}: expected a non-empty ASCII token", p.display());
+            Ok(Some(t.to_string()))
         }
     }
 }
