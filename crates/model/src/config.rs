@@ -2,7 +2,7 @@
 //! 4.x (flat text fields, `rope_theta` + `rope_scaling`, as OctoMed-7B ships) and 5.x (nested
 //! `text_config` / `vision_config`, `rope_parameters`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::{Map, Value};
 
@@ -257,10 +257,6 @@ impl Config {
         Ok(())
     }
 
-    /// Where a config lives inside a model directory.
-    pub fn path_in(model_dir: &Path) -> PathBuf {
-        model_dir.join("config.json")
-    }
 }
 
 fn read_text(f: &Fields<'_>, top: &Fields<'_>) -> Result<TextConfig> {

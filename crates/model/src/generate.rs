@@ -166,6 +166,10 @@ pub fn choose(logits: &[f32], sampling: Sampling, rng: &mut StdRng) -> (u32, f32
             let t = temperature.max(1e-6) as f32;
             let scaled: Vec<f32> = logits.iter().map(|&v| v / t).collect();
             let lp = log_softmax(&scaled);
+            if top_k == 0 && top_p >= 1.0 {
+                // Nothing is truncated: draw from the full distribution without sorting 152k logits.
+                return draw(lp.iter().enumerate().map(|(i, &l)| (i, (l as f64).exp())), 1.0, rng, &lp);
+            }
             let mut order: Vec<usize> = (0..scaled.len()).collect();
             order.sort_by(|&a, &b| scaled[b].total_cmp(&scaled[a]).then(a.cmp(&b)));
             if top_k > 0 && top_k < order.len() {
@@ -185,17 +189,24 @@ pub fn choose(logits: &[f32], sampling: Sampling, rng: &mut StdRng) -> (u32, f32
                 }
             }
             let mass: f64 = probs[..keep].iter().sum();
-            let mut u = rng.random::<f64>() * mass;
-            for (n, &p) in probs[..keep].iter().enumerate() {
-                if u < p {
-                    return (order[n] as u32, lp[order[n]]);
-                }
-                u -= p;
-            }
-            let last = order[keep - 1];
-            (last as u32, lp[last])
+            draw(order[..keep].iter().copied().zip(probs[..keep].iter().copied()), mass, rng, &lp)
         }
     }
+}
+
+/// Inverse-CDF draw over `(token, probability)` pairs of total `mass`; returns the token and its log-prob.
+fn draw(candidates: impl Iterator<Item = (usize, f64)>, mass: f64, rng: &mut StdRng, lp: &[f32]) -> (u32, f32) {
+    let mut u = rng.random::<f64>() * mass;
+    let mut last = 0;
+    for (token, p) in candidates {
+        if u < p {
+            return (token as u32, lp[token]);
+        }
+        u -= p;
+        last = token;
+    }
+    // Rounding left u just above the summed mass: the last candidate.
+    (last as u32, lp[last])
 }
 
 #[cfg(test)]

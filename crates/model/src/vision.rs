@@ -124,7 +124,7 @@ impl VisionTower {
         let qkv = b.qkv.forward(&rms_norm(x, &b.norm1, VISION_EPS, exec)?)?.reshape((n, 3, heads, hd))?;
         let dtype = x.dtype();
         // Rotary in f32 and back, as transformers' apply_rotary_pos_emb_vision.
-        let rot = |t: Tensor| -> Result<Tensor> { apply_rotary(&t.to_dtype(DType::F32)?, cos, sin)?.to_dtype(dtype) .map_err(Error::from) };
+        let rot = |t: Tensor| -> Result<Tensor> { Ok(apply_rotary(&t.to_dtype(DType::F32)?, cos, sin)?.to_dtype(dtype)?) };
         let q = rot(qkv.narrow(1, 0, 1)?.squeeze(1)?)?;
         let k = rot(qkv.narrow(1, 1, 1)?.squeeze(1)?)?;
         let v = qkv.narrow(1, 2, 1)?.squeeze(1)?;

@@ -152,7 +152,8 @@ impl Weights {
     }
 
     fn check(&mut self, config: &Config, model_dir: &Path) -> Result<()> {
-        for (name, shape) in expected_shapes(config) {
+        let expected = expected_shapes(config);
+        for (name, shape) in expected.iter().cloned() {
             let where_ = || self.origin.get(&name).cloned().unwrap_or_else(|| model_dir.to_path_buf());
             match self.tensors.get(&name) {
                 None => return Err(Error::Weights { path: model_dir.to_path_buf(), name, problem: "missing from every weight file".into() }),
@@ -166,7 +167,7 @@ impl Weights {
         if config.tie_word_embeddings {
             self.tensors.remove("lm_head.weight");
         }
-        let known: std::collections::HashSet<String> = expected_shapes(config).into_iter().map(|(n, _)| n).collect();
+        let known: std::collections::HashSet<String> = expected.into_iter().map(|(n, _)| n).collect();
         let extra: Vec<String> = self.tensors.keys().filter(|k| !known.contains(*k)).cloned().collect();
         if !extra.is_empty() {
             tracing::warn!(count = extra.len(), first = %extra[0], "ignoring tensors that Qwen2.5-VL does not use");
@@ -188,7 +189,9 @@ impl Weights {
         let mut tensors = BTreeMap::new();
         for (name, shape) in expected_shapes(config) {
             let n: usize = shape.iter().product();
-            let data: Vec<f32> = if name.ends_with("norm1.weight") || name.ends_with("norm2.weight") || name.ends_with("layernorm.weight") || name.ends_with("norm.weight") || name.ends_with("ln_q.weight") {
+            // Every RMSNorm weight (norm1/norm2, *_layernorm, model.norm, merger ln_q) starts at one.
+            let is_norm = name.ends_with("norm.weight") || name.ends_with("norm1.weight") || name.ends_with("norm2.weight") || name.ends_with("ln_q.weight");
+            let data: Vec<f32> = if is_norm {
                 vec![1.0; n]
             } else if name.ends_with(".bias") {
                 vec![0.0; n]

@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use medrl_coordinator::{PromptSet, serve_with};
 use medrl_learner::service::{LearnerSettings, resume_or_new, serve_learner};
-use medrl_proto::{AuthInterceptor, ClientAuth, ClientOptions, ServerOptions};
+use medrl_proto::{ClientAuth, Security, SecuritySection, ServerOptions};
 use medrl_rollout::{WorkerSettings, WorkerTuning, run_worker};
 
 use crate::config::RunConfig;
@@ -47,10 +47,7 @@ pub fn coordinator(a: RoleArgs) -> Result<()> {
         cc.journal = Some(run_dir.join("coordinator.journal"));
     }
     let prompts = PromptSet::from_jsonl(&split.file)?;
-    let options = match token(&config)? {
-        Some(t) => ServerOptions { auth: AuthInterceptor::with_token(&t), ..ServerOptions::default() },
-        None => ServerOptions::default(),
-    };
+    let options = ServerOptions::default().with_security(&security(&config)?);
     runtime()?.block_on(async move {
         let handle = serve_with(cc, prompts, options).await?;
         tracing::info!(endpoint = %handle.endpoint(), "coordinator serving");
@@ -59,27 +56,16 @@ pub fn coordinator(a: RoleArgs) -> Result<()> {
     })
 }
 
-/// The shared token from `cluster.token_file` or `MEDRL_TOKEN_FILE`, if any; never logged.
-pub fn token(config: &RunConfig) -> Result<Option<String>> {
-    let path = config.cluster.token_file.clone().or_else(|| std::env::var_os("MEDRL_TOKEN_FILE").map(PathBuf::from));
-    match path {
-        None => Ok(None),
-        Some(p) => {
-            let t = std::fs::read_to_string(&p).with_context(|| format!("reading the token file {}", p.display()))?;
-            let t = t.trim();
-            anyhow::ensure!(!t.is_empty() && t.is_ascii(), "token file {}: expected a non-empty ASCII token", p.display());
-            Ok(Some(t.to_string()))
-        }
-    }
+/// Token and TLS for every role: `cluster.token_file`, else `MEDRL_TOKEN_FILE`, else
+/// `MEDRL_TOKEN` (resolved and checked by `medrl_proto::SecuritySection`); never logged.
+pub fn security(config: &RunConfig) -> Result<Security> {
+    Ok(SecuritySection { token_file: config.cluster.token_file.clone(), tls: None }.resolve()?)
 }
 
 /// A worker's settings from the run config.
 pub fn worker_settings(config: &RunConfig, name: String, coordinator: String, learner: String, model_dir: PathBuf) -> Result<WorkerSettings> {
     let runtime = crate::runtime::DeviceArgs { device: config.model.device.clone(), dtype: config.model.dtype.clone() };
-    let auth = match token(config)? {
-        Some(t) => ClientAuth::with_token(&t).unwrap_or_else(ClientAuth::none),
-        None => ClientAuth::none(),
-    };
+    let auth = ClientAuth::from_token(security(config)?.token.as_ref())?;
     Ok(WorkerSettings {
         name,
         coordinator,
@@ -126,10 +112,9 @@ pub fn learner_settings(config: &RunConfig, coordinator: String, base_model: Pat
     settings.base_model = base_model;
     settings.prompts_per_step = config.coordinator.prompts_per_step as usize;
     settings.max_staleness = u64::from(config.coordinator.max_staleness);
-    if let Some(t) = token(config)? {
-        settings.server = ServerOptions { auth: AuthInterceptor::with_token(&t), ..settings.server };
-        settings.client = ClientOptions { auth: ClientAuth::with_token(&t).unwrap_or_else(ClientAuth::none), ..settings.client };
-    }
+    let sec = security(config)?;
+    settings.server = settings.server.with_security(&sec);
+    settings.client = settings.client.with_security(&sec)?;
     Ok(settings)
 }
 

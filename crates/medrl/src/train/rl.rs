@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
 use medrl_coordinator::{PromptSet, serve};
-use medrl_learner::service::{METRICS_JSONL, resume_or_new, serve_learner};
+use medrl_learner::service::{resume_or_new, serve_learner};
 use medrl_rollout::run_worker;
 
 use crate::config::RunConfig;
@@ -50,7 +50,6 @@ pub fn run_rl(config: &RunConfig, policy: &Path, split: &Split, run_dir: &Path, 
             let mut stop = stop_rx.clone();
             workers.push(tokio::spawn(async move { run_worker(settings, async move { let _ = stop.changed().await; }).await }));
         }
-        let metrics = dir.join(METRICS_JSONL);
         let mut seen = 0u64;
         {
             let wait = learner.wait_done();
@@ -59,7 +58,7 @@ pub fn run_rl(config: &RunConfig, policy: &Path, split: &Split, run_dir: &Path, 
                 tokio::select! {
                     r = &mut wait => { r?; break; }
                     _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {
-                        let steps = std::fs::read_to_string(&metrics).map(|t| t.lines().count() as u64).unwrap_or(0);
+                        let steps = learner.state().map(|s| s.steps).unwrap_or(seen);
                         while seen < steps { seen += 1; on_step(seen); }
                     }
                 }
@@ -73,7 +72,7 @@ pub fn run_rl(config: &RunConfig, policy: &Path, split: &Split, run_dir: &Path, 
                 Ok(Ok(_)) => {}
             }
         }
-        let steps = std::fs::read_to_string(&metrics).map(|t| t.lines().count() as u64).unwrap_or(0);
+        let steps = learner.state().map(|s| s.steps).unwrap_or(seen);
         while seen < steps { seen += 1; on_step(seen); }
         learner.shutdown().await?;
         coordinator.shutdown().await?;
