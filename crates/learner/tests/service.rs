@@ -249,6 +249,7 @@ async fn learner_counts_trains_publishes_and_finishes() {
         let step = status.last_step.expect("a step summary");
         assert_eq!((step.groups, step.version), (2, 1));
         assert!(step.tokens > 0 && step.loss.is_finite() && step.weight_bytes == blob1.len());
+        assert_eq!((step.mean_staleness, step.max_staleness), (0.0, 0), "groups sampled with version 0 trained at version 0");
         assert!(f.run_dir.join("checkpoints/step-000001/trainer.json").exists(), "save_every 1 checkpoints step 1");
 
         // A group sampled with version 0 is stale now; a retry of a trained group is a duplicate.
@@ -276,6 +277,7 @@ async fn learner_counts_trains_publishes_and_finishes() {
         let steps = lines(&f.run_dir.join(METRICS_JSONL));
         assert_eq!(steps.iter().map(|l| l["version"].as_u64().unwrap_or(0)).collect::<Vec<_>>(), vec![1, 2]);
         assert!(steps.iter().all(|l| l["mean_reward"].is_number() && l["step_seconds"].is_number()));
+        assert!(steps.iter().all(|l| l["mean_staleness"].as_f64() == Some(0.0) && l["max_staleness"].as_u64() == Some(0)), "on-policy steps: {steps:?}");
         let consumed = lines(&f.run_dir.join(CONSUMED_LOG));
         assert_eq!(consumed.len(), 2);
 

@@ -370,8 +370,9 @@ impl StepLoop {
         self.p.runtime.block_on(self.p.rpc.report_consumed(new_version, report_trained, by_epoch(&refused)))?;
 
         // 4. Metrics.
-        for accepted in &used {
-            self.p.shared.metrics.staleness.observe(version.saturating_sub(accepted.group.policy_version) as f64);
+        let staleness: Vec<u64> = used.iter().map(|a| version.saturating_sub(a.group.policy_version)).collect();
+        for &s in &staleness {
+            self.p.shared.metrics.staleness.observe(s as f64);
         }
         let summary = StepSummary {
             step: report.step,
@@ -384,6 +385,9 @@ impl StepLoop {
             tokens: report.tokens,
             groups: trained.len(),
             refused: refused.len(),
+            // `used` is non-empty here (an empty batch returned above).
+            mean_staleness: staleness.iter().sum::<u64>() as f64 / staleness.len() as f64,
+            max_staleness: staleness.iter().copied().max().unwrap_or(0),
             lr: report.lr,
             step_seconds,
             publish_seconds,

@@ -36,6 +36,10 @@ pub struct StepSummary {
     pub groups: usize,
     /// Groups taken but refused at step time (too stale or unusable); their prompts were requeued.
     pub refused: usize,
+    /// Mean over the trained groups of the step's starting version minus the version each was sampled with.
+    pub mean_staleness: f64,
+    /// Largest such difference (0 for an on-policy step).
+    pub max_staleness: u64,
     /// Learning rate of the step.
     pub lr: f64,
     /// Seconds from taking the groups to the optimizer step's end.
