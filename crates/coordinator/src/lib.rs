@@ -21,6 +21,7 @@ pub mod prompts;
 pub mod request_error;
 pub mod service;
 pub mod support;
+pub mod support_log;
 mod sweeper;
 
 pub use config::{ConfigError, CoordinatorConfig, SupportConfig};

@@ -1,6 +1,7 @@
 //! The background sweep: expires overdue leases and dead workers' leases (their prompts go back
 //! to the queue), and keeps gRPC health in step with the run: NOT_SERVING once the run is done,
-//! stalled, or its journal has failed.
+//! stalled, or its journal has failed. It also appends the support snapshot of each completed
+//! epoch to `support.jsonl` (`support_log`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -10,6 +11,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 use crate::service::Shared;
+use crate::support_log::SupportLog;
 
 /// What health reports and why.
 fn health_of(done: bool, stalled: bool, journal_failed: bool) -> (ServingStatus, &'static str) {
@@ -41,6 +43,7 @@ pub async fn run(
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = None;
+    let mut support = shared.config.journal.as_deref().and_then(|j| shared.core.lock().ok().map(|core| SupportLog::new(j, &core)));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -49,15 +52,19 @@ pub async fn run(
         let now = Instant::now();
         let snapshot = shared.core.lock().map(|mut core| {
             let reaped = core.reap(now);
-            (reaped, core.is_done(), core.is_stalled(now))
+            let lines = support.as_mut().map(|s| s.due(&core)).unwrap_or_default();
+            (reaped, core.is_done(), core.is_stalled(now), lines)
         });
         // Drop the poisoned guard (if any) before awaiting.
         let snapshot = snapshot.map_err(|_| ());
-        let Ok((reaped, is_done, stalled)) = snapshot else {
+        let Ok((reaped, is_done, stalled, lines)) = snapshot else {
             tracing::error!("state lock poisoned; the sweeper stops");
             set_health(&health, ServingStatus::NotServing).await;
             break;
         };
+        if let Some(s) = &support {
+            s.append(&lines);
+        }
         let metrics = &shared.metrics;
         metrics.leases_expired.inc_by(u64::from(reaped.expired_leases));
         metrics.prompts_requeued.inc_by(u64::from(reaped.requeued));
@@ -73,6 +80,11 @@ pub async fn run(
             *d = is_done;
             changed
         });
+    }
+    // The last epoch may complete between the final tick and the shutdown.
+    if let Some(s) = support.as_mut() {
+        let lines = shared.core.lock().map(|core| s.due(&core)).unwrap_or_default();
+        s.append(&lines);
     }
 }
 

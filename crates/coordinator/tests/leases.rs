@@ -151,6 +151,7 @@ async fn two_workers_train_every_prompt_exactly_once_when_one_dies() {
             prompts_per_step: 2,
             max_staleness: 0,
             epochs: 2,
+            journal: Some(dir.path().join("coordinator.journal")),
             ..fast_config()
         };
         let handle = start(config, prompt_set(dir.path(), n)).await;
@@ -226,6 +227,20 @@ async fn two_workers_train_every_prompt_exactly_once_when_one_dies() {
         assert!(text.contains("medrl_coordinator_workers_lost_total 1"), "{text}");
         assert!(text.contains("medrl_coordinator_run_done 1"), "{text}");
         handle.shutdown().await.expect("shutdown");
+
+        // One support snapshot per completed epoch beside the journal: every prompt acked at
+        // pass rate 0.5 is `partial`, 5 per modality.
+        let text = std::fs::read_to_string(dir.path().join(medrl_coordinator::support_log::SUPPORT_JSONL)).expect("support.jsonl");
+        let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).expect("a JSON line")).collect();
+        assert_eq!(lines.iter().map(|l| l["epoch"].as_u64()).collect::<Vec<_>>(), vec![Some(0), Some(1)], "{text}");
+        let last = &lines[1];
+        assert_eq!(last["classes"], serde_json::json!(["unseen", "zero", "partial", "saturated"]));
+        assert_eq!(last["done"], serde_json::json!(true));
+        for (m, modality) in ["ct", "mri"].iter().enumerate() {
+            assert_eq!(last["modalities"][m]["modality"], serde_json::json!(modality), "{text}");
+            assert_eq!(last["modalities"][m]["counts"], serde_json::json!([0, 0, 5, 0]), "{text}");
+            assert_eq!(last["modalities"][m]["mean_pass_rate"].as_f64(), Some(0.5), "{text}");
+        }
     })
     .await;
 }
