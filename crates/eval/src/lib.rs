@@ -1,6 +1,7 @@
 //! Evaluation and diagnostics of medical VLMs, reproducing arXiv 2603.01301's: greedy Acc@1
 //! against unbiased Pass@k per dataset and modality, the support-gap report behind the
-//! boundary-aware recipe, Pass@k curves, and linear / kNN probes of the frozen vision tower.
+//! boundary-aware recipe, Pass@k curves, the figures of a training run (`run_plots`), and linear /
+//! kNN probes of the frozen vision tower.
 
 pub mod augment;
 pub mod error;
@@ -15,6 +16,9 @@ pub mod probe;
 pub mod probe_data;
 pub mod report;
 pub mod run;
+pub mod run_charts;
+pub mod run_log;
+pub mod run_plots;
 pub mod samples;
 
 pub use error::{EvalError, Result};
@@ -28,5 +32,6 @@ pub use probe::{ProbeConfig, ProbeMethod, ProbeReport, run_probe};
 pub use probe_data::ProbeData;
 pub use report::{SupportThresholds, Regime};
 pub use run::{EvalConfig, evaluate};
+pub use run_plots::{PlotReport, plot_run};
 pub use samples::{ItemSamples, Judged, SamplesWriter, read_samples};
 pub use medrl_vqa::{VqaRecord, read_records};

@@ -16,7 +16,7 @@ use crate::metrics::{GroupMetrics, Metrics};
 static FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
 
 /// Tableau 10: distinguishable, colour-blind friendlier than plotters' default palette.
-const COLOURS: [(u8, u8, u8); 10] = [
+pub(crate) const COLOURS: [(u8, u8, u8); 10] = [
     (31, 119, 180),
     (255, 127, 14),
     (44, 160, 44),
@@ -33,14 +33,14 @@ const COLOURS: [(u8, u8, u8); 10] = [
 pub const FIGURE_SIZE: (u32, u32) = (1400, 620);
 
 /// Registers the embedded font as plotters' `sans-serif`, once per process.
-fn ensure_font() -> Result<()> {
+pub(crate) fn ensure_font() -> Result<()> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     let ok = *REGISTERED.get_or_init(|| plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).is_ok());
     if ok { Ok(()) } else { Err(EvalError::Data("the embedded DejaVu Sans font failed to load".into())) }
 }
 
 /// One curve: its label, Pass@k points and greedy Acc@1, in percent.
-struct Curve {
+pub(crate) struct Curve {
     label: String,
     points: Vec<(f64, f64)>,
     acc_at_1: f64,
@@ -48,7 +48,7 @@ struct Curve {
     overall: bool,
 }
 
-fn curve(name: &str, g: &GroupMetrics, colour: RGBColor, overall: bool) -> Curve {
+pub(crate) fn curve(name: &str, g: &GroupMetrics, colour: RGBColor, overall: bool) -> Curve {
     Curve {
         label: format!("{name} ({} items, Acc@1 {:.1}%)", g.items, 100.0 * g.acc_at_1),
         points: g.pass_at_k.iter().map(|(&k, &p)| (k as f64, 100.0 * p)).collect(),
@@ -68,7 +68,7 @@ fn curves(metrics: &Metrics, groups: &std::collections::BTreeMap<String, GroupMe
 }
 
 /// Draws one panel; plotters' error type is generic over the backend, so it is stringified here.
-fn panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, title: &str, curves: &[Curve], k_max: f64) -> std::result::Result<(), String> {
+pub(crate) fn panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, title: &str, curves: &[Curve], k_max: f64) -> std::result::Result<(), String> {
     let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 24))
         .margin(14)

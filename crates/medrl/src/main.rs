@@ -43,6 +43,8 @@ enum Command {
     Learner(cmd::learner::Args),
     /// Datasets to record JSONL (MedMNIST, PMC-VQA, eval kit, LLaVA, synthetic); subsets and filters.
     Data(cmd::data::Args),
+    /// Figures of a run directory (reward, Acc@1 / Pass@K, throughput, staleness, support map) as PNGs.
+    Plot(cmd::plot::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -61,6 +63,7 @@ fn main() -> std::process::ExitCode {
         Command::Bench(b) => cmd::bench::run(b),
         Command::Data(a) => cmd::data::run(a),
         Command::Learner(a) => cmd::learner::run(a),
+        Command::Plot(a) => cmd::plot::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

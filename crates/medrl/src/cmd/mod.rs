@@ -7,6 +7,7 @@ pub mod data;
 pub mod eval;
 pub mod generate;
 pub mod learner;
+pub mod plot;
 pub mod probe;
 pub mod roles;
 pub mod score;
