@@ -5,6 +5,7 @@
 
 pub mod augment;
 pub mod error;
+pub mod eval_file;
 pub mod features;
 pub mod judge;
 pub mod knn;
@@ -22,6 +23,7 @@ pub mod run_plots;
 pub mod samples;
 
 pub use error::{EvalError, Result};
+pub use eval_file::EvalFile;
 pub use features::{FeatureExtractor, Pooling};
 pub use judge::{judge, rejudge};
 pub use knn::Vote;

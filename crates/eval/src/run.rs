@@ -67,15 +67,6 @@ impl Default for EvalConfig {
 }
 
 impl EvalConfig {
-    /// Reads a JSON config file (unknown keys are errors).
-    pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| EvalError::io(path, e))?;
-        let config: EvalConfig =
-            serde_json::from_str(&text).map_err(|e| EvalError::Line { path: path.to_path_buf(), line: e.line(), problem: e.to_string() })?;
-        config.validate()?;
-        Ok(config)
-    }
-
     /// Checks every setting.
     pub fn validate(&self) -> Result<()> {
         if self.num_samples == 0 {
