@@ -91,6 +91,7 @@ impl Trainer {
         let state = TrainerState { step: self.step, base_model: base_model.to_path_buf(), trainable: self.config.trainable };
         let json = serde_json::to_string_pretty(&state).map_err(|e| Error::Input(e.to_string()))?;
         std::fs::write(tmp.join(TRAINER_STATE), json).map_err(io(&tmp))?;
+        crate::testhook::pause_if_asked("checkpoint", self.step);
         let dest = root.join(&name);
         if dest.exists() {
             std::fs::remove_dir_all(&dest).map_err(io(&dest))?;
@@ -141,6 +142,29 @@ impl Trainer {
     }
 }
 
+/// Deletes the temporary folders of checkpoints whose writing was cut short (a crash before the
+/// rename): [`latest_checkpoint`] never picks them, and for a large model each is gigabytes.
+/// Returns the folders removed.
+pub fn remove_partial_checkpoints(run_dir: &Path) -> Result<Vec<PathBuf>> {
+    let root = run_dir.join("checkpoints");
+    let entries = match std::fs::read_dir(&root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(io(&root)(e)),
+    };
+    let mut removed = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(io(&root))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".step-") && name.ends_with(".tmp") {
+            let path = entry.path();
+            std::fs::remove_dir_all(&path).map_err(io(&path))?;
+            removed.push(path);
+        }
+    }
+    Ok(removed)
+}
+
 /// The newest complete checkpoint under `run_dir/checkpoints`, if any.
 pub fn latest_checkpoint(run_dir: &Path) -> Option<PathBuf> {
     let root = run_dir.join("checkpoints");
@@ -155,4 +179,29 @@ pub fn latest_checkpoint(run_dir: &Path) -> Option<PathBuf> {
         .collect();
     found.sort();
     found.pop().map(|(_, p)| p)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_checkpoints_are_never_picked_and_are_removed() -> std::io::Result<()> {
+        let run = tempfile::tempdir()?;
+        let root = run.path().join("checkpoints");
+        for (name, complete) in [("step-000001", true), (".step-000002.tmp", true), ("step-000003", false)] {
+            std::fs::create_dir_all(root.join(name))?;
+            if complete {
+                std::fs::write(root.join(name).join(TRAINER_STATE), "{}")?;
+            }
+        }
+        // A temporary folder holding every file (the crash hit just before the rename) and a
+        // folder without its state file are both incomplete.
+        assert_eq!(latest_checkpoint(run.path()), Some(root.join("step-000001")));
+        let removed = remove_partial_checkpoints(run.path()).map_err(std::io::Error::other)?;
+        assert_eq!(removed, vec![root.join(".step-000002.tmp")]);
+        assert!(root.join("step-000001").exists() && !root.join(".step-000002.tmp").exists());
+        assert!(remove_partial_checkpoints(&run.path().join("absent")).map_err(std::io::Error::other)?.is_empty());
+        Ok(())
+    }
 }

@@ -17,6 +17,7 @@ pub mod optim;
 pub mod policy;
 pub mod schedule;
 pub mod service;
+mod testhook;
 pub mod trainer;
 
 pub use care::{CareConfig, CareGroup, EmaConfig, care_bonus, care_bonus_grouped};

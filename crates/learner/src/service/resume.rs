@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 
 use crate::Result;
-use crate::checkpoint::latest_checkpoint;
+use crate::checkpoint::{latest_checkpoint, remove_partial_checkpoints};
 use crate::config::{AlgorithmConfig, LearnerConfig};
 use crate::trainer::Trainer;
 
@@ -20,6 +20,9 @@ pub fn resume_or_new(
     dtype: DType,
     device: &Device,
 ) -> Result<(Trainer, Option<PathBuf>)> {
+    for partial in remove_partial_checkpoints(run_dir)? {
+        tracing::warn!(path = %partial.display(), "removed a partial checkpoint (its writing was cut short)");
+    }
     match latest_checkpoint(run_dir) {
         Some(checkpoint) => {
             let trainer = Trainer::resume(&checkpoint, algorithm, config, dtype, device)?;

@@ -337,6 +337,7 @@ impl StepLoop {
         };
         let step_seconds = started.elapsed().as_secs_f64();
         let new_version = self.p.trainer.step;
+        crate::testhook::pause_if_asked("step", new_version);
         let trained: Vec<ConsumedGroup> = used.iter().map(Accepted::key).collect();
 
         // 1. The durable record: from here on the step has happened.
