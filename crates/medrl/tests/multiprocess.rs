@@ -1,136 +1,16 @@
 //! The roles as separate processes on loopback: 1 coordinator, 2 rollout workers, 1 learner.
-//! A worker killed mid-run, the learner killed and restarted from its checkpoint, the coordinator
-//! killed and restarted from its journal: each run completes with every prompt of the epoch
-//! trained exactly once (checked against the learner's consumed log, rewinds applied).
+//! A worker killed mid-run, the learner killed mid-step and mid-checkpoint (stopped at that point
+//! by the `MEDRL_TEST_PAUSE` test hook, then SIGKILLed) and restarted from its newest complete
+//! checkpoint, the coordinator killed and restarted from its journal: each run completes with
+//! every prompt of the epoch trained exactly once (checked against the learner's consumed log,
+//! rewinds applied), and each step trains the prompts the coordinator's data order gives it
+//! (after a mid-checkpoint kill, up to the checkpoint resumed from).
 
-use std::collections::BTreeMap;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
-const PROMPTS: usize = 12;
-const LIMIT: Duration = Duration::from_secs(240);
+use std::process::Child;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
-}
-
-struct Cluster {
-    dir: PathBuf,
-    config: PathBuf,
-    coordinator: u16,
-}
-
-impl Cluster {
-    fn new(dir: &Path) -> Cluster {
-        let model = dir.join("tiny");
-        let out = Command::new(env!("CARGO_BIN_EXE_medrl")).args(["tiny-model", "--out", model.to_str().expect("utf-8")]).output().expect("tiny-model runs");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let (coordinator, learner) = (free_port(), free_port());
-        let config = dir.join("run.yaml");
-        std::fs::write(
-            &config,
-            format!(
-                "run: {{output_dir: {run}}}\n\
-                 model: {{path: {model}}}\n\
-                 data: {{train: synthetic, sft: null, eval: null, synthetic: {{rl_size: {PROMPTS}}}}}\n\
-                 rollout: {{group_size: 2, max_new_tokens: 6}}\n\
-                 algorithm: {{name: grpo}}\n\
-                 learner: {{optimizer: {{lr: 1.0e-4}}, total_steps: 6, save_every: 1, gradient_checkpointing: false}}\n\
-                 coordinator: {{listen: 127.0.0.1:{coordinator}, metrics_listen: null, prompts_per_step: 2, epochs: 1, lease_ttl_s: 3.0, heartbeat_interval_s: 0.5}}\n\
-                 cluster: {{coordinator: http://127.0.0.1:{coordinator}, learner: http://127.0.0.1:{learner}, learner_listen: 127.0.0.1:{learner}, learner_metrics_listen: null, worker_health_listen: null, worker_metrics_listen: null}}\n",
-                run = dir.join("run").display(),
-                model = model.display(),
-            ),
-        )
-        .expect("config written");
-        Cluster { dir: dir.to_path_buf(), config, coordinator }
-    }
-
-    fn spawn(&self, role: &str, name: &str) -> Child {
-        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).expect("log file");
-        Command::new(env!("CARGO_BIN_EXE_medrl"))
-            .args([role, "--config", self.config.to_str().expect("utf-8")])
-            .env("HOSTNAME", name)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("role starts")
-    }
-
-    fn wait_for_port(&self) {
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", self.coordinator)).is_err() {
-            assert!(start.elapsed() < Duration::from_secs(60), "the coordinator never listened");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    fn steps_done(&self) -> usize {
-        std::fs::read_to_string(self.dir.join("run/learner/metrics.jsonl")).map(|t| t.lines().count()).unwrap_or(0)
-    }
-
-    fn wait_steps(&self, n: usize) {
-        let start = Instant::now();
-        while self.steps_done() < n {
-            assert!(start.elapsed() < LIMIT, "fewer than {n} learner steps in time; logs in {}", self.dir.display());
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    /// Every prompt trained exactly once in the consumed log (after rewinds).
-    fn assert_exactly_once(&self) {
-        let text = std::fs::read_to_string(self.dir.join("run/learner/consumed.jsonl")).expect("consumed log");
-        let mut steps: Vec<(u64, Vec<(u64, String)>)> = Vec::new();
-        for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            let v: serde_json::Value = serde_json::from_str(line).expect("log line is JSON");
-            match v["kind"].as_str() {
-                Some("step") => {
-                    let groups = v["groups"].as_array().expect("groups").iter().map(|g| (g["epoch"].as_u64().expect("epoch"), g["prompt_id"].as_str().expect("id").to_string())).collect();
-                    steps.push((v["version"].as_u64().expect("version"), groups));
-                }
-                Some("rewind") => {
-                    let to = v["to"].as_u64().expect("to");
-                    steps.retain(|(version, _)| *version <= to);
-                }
-                other => panic!("unknown consumed-log line kind {other:?}"),
-            }
-        }
-        let mut counts: BTreeMap<(u64, String), usize> = BTreeMap::new();
-        for (_, groups) in &steps {
-            for g in groups {
-                *counts.entry(g.clone()).or_default() += 1;
-            }
-        }
-        assert_eq!(counts.len(), PROMPTS, "every prompt of the epoch was trained: {counts:?}");
-        assert!(counts.values().all(|&c| c == 1), "a prompt was trained twice: {counts:?}");
-    }
-}
-
-fn wait_exit(child: &mut Child, what: &str, dir: &Path) {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            assert!(status.success(), "{what} failed ({status}); logs in {}", dir.display());
-            return;
-        }
-        if start.elapsed() > LIMIT {
-            let _ = child.kill();
-            panic!("{what} did not finish in time; logs in {}", dir.display());
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn finish(cluster: &Cluster, mut procs: Vec<(Child, &str)>) {
-    // The learner ends the run; the coordinator lingers briefly; workers exit on `done`.
-    for (child, what) in procs.iter_mut() {
-        wait_exit(child, what, &cluster.dir);
-    }
-    cluster.assert_exactly_once();
-}
+use common::{Cluster, finish, kill};
 
 #[test]
 fn a_killed_worker_loses_no_prompt() {
@@ -142,25 +22,69 @@ fn a_killed_worker_loses_no_prompt() {
     let mut doomed = c.spawn("worker", "worker-a");
     let survivor = c.spawn("worker", "worker-b");
     c.wait_steps(1);
-    doomed.kill().expect("SIGKILL the worker");
-    let _ = doomed.wait();
+    kill(&mut doomed, "the worker");
     finish(&c, vec![(learner, "learner"), (survivor, "worker-b"), (coordinator, "coordinator")]);
+    c.assert_data_order(usize::MAX);
+}
+
+/// The `step` values of `metrics.jsonl` in file order (a step redone after a restart repeats).
+fn logged_steps(c: &Cluster) -> Vec<u64> {
+    let text = std::fs::read_to_string(c.dir.join("run/learner/metrics.jsonl")).expect("metrics.jsonl");
+    text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).expect("JSON line")["step"].as_u64().expect("step")).collect()
+}
+
+/// Starts the coordinator, a learner paused by the test hook at `pause` (`point:step`), and two
+/// workers; returns them once the learner has reached the pause.
+fn run_until_paused(c: &Cluster, pause: &str) -> (Child, Child, Child, Child) {
+    let coordinator = c.spawn("coordinator", "coordinator");
+    c.wait_for_port();
+    let learner = c.command(&[], "learner", "learner-1").env("MEDRL_TEST_PAUSE", pause).spawn().expect("learner starts");
+    let w1 = c.spawn("worker", "worker-a");
+    let w2 = c.spawn("worker", "worker-b");
+    c.wait_log("learner-1", "test hook MEDRL_TEST_PAUSE: pausing", 1);
+    (coordinator, learner, w1, w2)
 }
 
 #[test]
-fn a_restarted_learner_resumes_from_its_checkpoint() {
+fn a_learner_killed_mid_step_resumes_from_its_checkpoint() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let c = Cluster::new(tmp.path());
-    let coordinator = c.spawn("coordinator", "coordinator");
-    c.wait_for_port();
-    let mut learner = c.spawn("learner", "learner-1");
-    let w1 = c.spawn("worker", "worker-a");
-    let w2 = c.spawn("worker", "worker-b");
-    c.wait_steps(2);
-    learner.kill().expect("SIGKILL the learner");
-    let _ = learner.wait();
+    // Step 3 is computed (its groups taken, the weights updated in memory) but not yet recorded.
+    let (coordinator, mut learner, w1, w2) = run_until_paused(&c, "step:3");
+    kill(&mut learner, "the learner");
+    assert!(c.checkpoint_dirs().contains("step-000002"), "{:?}", c.checkpoint_dirs());
     let learner = c.spawn("learner", "learner-2");
     finish(&c, vec![(learner, "learner"), (w1, "worker-a"), (w2, "worker-b"), (coordinator, "coordinator")]);
+    assert!(c.log("learner-2").contains("step-000002"), "the new learner resumes from step 2's checkpoint");
+    // The lost step left no trace: no rewind needed, and step 3 is logged once, by the new learner.
+    assert!(!std::fs::read_to_string(c.dir.join("run/learner/consumed.jsonl")).expect("log").contains("rewind"));
+    assert_eq!(logged_steps(&c), vec![1, 2, 3, 4, 5, 6]);
+    // Step 3's prompts went back to the front of the queue: every step trains what it would have.
+    c.assert_data_order(usize::MAX);
+}
+
+#[test]
+fn a_learner_killed_mid_checkpoint_resumes_from_the_previous_one() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let c = Cluster::new(tmp.path());
+    // Step 3 is trained, recorded and reported; its checkpoint is written but not yet renamed.
+    let (coordinator, mut learner, w1, w2) = run_until_paused(&c, "checkpoint:3");
+    kill(&mut learner, "the learner");
+    let dirs = c.checkpoint_dirs();
+    assert!(dirs.contains(".step-000003.tmp") && !dirs.contains("step-000003") && dirs.contains("step-000002"), "{dirs:?}");
+    let learner = c.spawn("learner", "learner-2");
+    c.wait_log("learner-2", "resuming the learner", 1);
+    let log = c.log("learner-2");
+    assert!(log.contains("removed a partial checkpoint") && log.contains(".step-000003.tmp"), "{log}");
+    assert!(log.contains("step-000002") && !c.checkpoint_dirs().contains(".step-000003.tmp"), "{log}");
+    finish(&c, vec![(learner, "learner"), (w1, "worker-a"), (w2, "worker-b"), (coordinator, "coordinator")]);
+    // Step 3 was lost with its weights: the log forgets it and the new learner redoes it.
+    assert!(std::fs::read_to_string(c.dir.join("run/learner/consumed.jsonl")).expect("log").contains(r#"{"kind":"rewind","to":2}"#));
+    assert_eq!(logged_steps(&c), vec![1, 2, 3, 3, 4, 5, 6]);
+    assert!(!c.checkpoint_dirs().iter().any(|d| d.ends_with(".tmp")), "{:?}", c.checkpoint_dirs());
+    // The checkpoint's steps keep their data. After it the order is best effort: prompts of step
+    // 4 leased or delivered before the kill may be trained in the redone step 3 (see README).
+    c.assert_data_order(2);
 }
 
 #[test]
@@ -173,8 +97,8 @@ fn a_restarted_coordinator_resumes_from_its_journal() {
     let w1 = c.spawn("worker", "worker-a");
     let w2 = c.spawn("worker", "worker-b");
     c.wait_steps(2);
-    coordinator.kill().expect("SIGKILL the coordinator");
-    let _ = coordinator.wait();
+    kill(&mut coordinator, "the coordinator");
     let coordinator = c.spawn("coordinator", "coordinator-2");
     finish(&c, vec![(learner, "learner"), (w1, "worker-a"), (w2, "worker-b"), (coordinator, "coordinator")]);
+    c.assert_data_order(usize::MAX);
 }
