@@ -3,9 +3,10 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use medrl_proto::TlsSettings;
 use serde::{Deserialize, Serialize};
 
-/// Addresses, ports and the shared secret of a multi-process run.
+/// Addresses, ports and the secrets of a multi-process run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterSection {
@@ -23,6 +24,10 @@ pub struct ClusterSection {
     pub local_workers: usize,
     /// A file holding the shared token every gRPC call must carry (also `MEDRL_TOKEN_FILE`).
     pub token_file: Option<PathBuf>,
+    /// TLS on every gRPC server and channel of the roles, the weight stream included: PEM files
+    /// `cert` + `key` (this process), `ca` (trusted for servers), `client_ca` (set: mutual TLS),
+    /// `domain` (name to verify); `null` (default) is plaintext. See docs/security.md.
+    pub tls: Option<TlsSettings>,
 }
 
 impl Default for ClusterSection {
@@ -36,6 +41,7 @@ impl Default for ClusterSection {
             worker_metrics_listen: Some(SocketAddr::from(([0, 0, 0, 0], 9092))),
             local_workers: 2,
             token_file: None,
+            tls: None,
         }
     }
 }

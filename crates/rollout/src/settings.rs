@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use candle_core::{DType, Device};
-use medrl_proto::ClientAuth;
+use medrl_proto::{ClientAuth, TlsSettings};
 use medrl_vqa::{PromptTemplate, RewardConfig};
 
 use crate::config::RolloutConfig;
@@ -40,6 +40,8 @@ pub struct WorkerSettings {
     pub metrics_listen: Option<SocketAddr>,
     /// Shared token sent to the coordinator and the learner.
     pub auth: ClientAuth,
+    /// TLS toward the coordinator and the learner (weights included); `None` is plaintext.
+    pub tls: Option<TlsSettings>,
     /// Deadlines, backoff and limits; the defaults suit real runs.
     pub tuning: WorkerTuning,
 }
@@ -114,6 +116,7 @@ impl WorkerSettings {
             health_listen: None,
             metrics_listen: None,
             auth: ClientAuth::none(),
+            tls: None,
             tuning: WorkerTuning::default(),
         }
     }

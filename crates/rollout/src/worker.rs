@@ -109,6 +109,7 @@ fn client_options(settings: &WorkerSettings, request_timeout: Option<Duration>) 
         request_timeout,
         max_message_bytes: settings.tuning.max_message_bytes,
         auth: settings.auth.clone(),
+        tls: settings.tls.clone(),
         ..ClientOptions::default()
     }
 }

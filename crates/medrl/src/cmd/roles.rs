@@ -47,7 +47,7 @@ pub fn coordinator(a: RoleArgs) -> Result<()> {
         cc.journal = Some(run_dir.join("coordinator.journal"));
     }
     let prompts = PromptSet::from_jsonl(&split.file)?;
-    let options = ServerOptions::default().with_security(&security(&config)?);
+    let options = ServerOptions::default().with_security(&security(&config, TlsSides::Server)?);
     runtime()?.block_on(async move {
         let handle = serve_with(cc, prompts, options).await?;
         tracing::info!(endpoint = %handle.endpoint(), "coordinator serving");
@@ -56,16 +56,42 @@ pub fn coordinator(a: RoleArgs) -> Result<()> {
     })
 }
 
-/// Token and TLS for every role: `cluster.token_file`, else `MEDRL_TOKEN_FILE`, else
-/// `MEDRL_TOKEN` (resolved and checked by `medrl_proto::SecuritySection`); never logged.
-pub fn security(config: &RunConfig) -> Result<Security> {
-    Ok(SecuritySection { token_file: config.cluster.token_file.clone(), tls: None }.resolve()?)
+/// Which sides of TLS a role takes: every role dials peers; the coordinator and the learner serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsSides {
+    /// Dials peers only (a worker).
+    Client,
+    /// Serves only (the coordinator).
+    Server,
+    /// Dials and serves (the learner, `medrl train`).
+    Both,
+}
+
+/// Token and TLS for a role: `cluster.token_file`, else `MEDRL_TOKEN_FILE`, else `MEDRL_TOKEN`,
+/// and `cluster.tls` (resolved by `medrl_proto::SecuritySection`); never logged. The TLS files
+/// of `sides` are read now, so a bad one stops the role at start naming it (a client would
+/// otherwise retry its failing connection forever).
+pub fn security(config: &RunConfig, sides: TlsSides) -> Result<Security> {
+    // medrl_proto names the settings `security.*`; in a run config they live under `cluster`.
+    let context = "the run's secrets (cluster.token_file and cluster.tls; `security.X` below is `cluster.X`)";
+    let section = SecuritySection { token_file: config.cluster.token_file.clone(), tls: config.cluster.tls.clone() };
+    let security = section.resolve().context(context)?;
+    if let Some(tls) = &security.tls {
+        if sides != TlsSides::Server {
+            tls.client_config().context(context)?;
+        }
+        if sides != TlsSides::Client {
+            tls.server_config(ServerOptions::default().tls_handshake_timeout).context(context)?;
+        }
+    }
+    Ok(security)
 }
 
 /// A worker's settings from the run config.
 pub fn worker_settings(config: &RunConfig, name: String, coordinator: String, learner: String, model_dir: PathBuf) -> Result<WorkerSettings> {
     let runtime = crate::runtime::DeviceArgs { device: config.model.device.clone(), dtype: config.model.dtype.clone() };
-    let auth = ClientAuth::from_token(security(config)?.token.as_ref())?;
+    let security = security(config, TlsSides::Client)?;
+    let auth = ClientAuth::from_token(security.token.as_ref())?;
     Ok(WorkerSettings {
         name,
         coordinator,
@@ -80,6 +106,7 @@ pub fn worker_settings(config: &RunConfig, name: String, coordinator: String, le
         health_listen: None,
         metrics_listen: None,
         auth,
+        tls: security.tls,
         tuning: WorkerTuning::default(),
     })
 }
@@ -112,7 +139,7 @@ pub fn learner_settings(config: &RunConfig, coordinator: String, base_model: Pat
     settings.base_model = base_model;
     settings.prompts_per_step = config.coordinator.prompts_per_step as usize;
     settings.max_staleness = u64::from(config.coordinator.max_staleness);
-    let sec = security(config)?;
+    let sec = security(config, TlsSides::Both)?;
     settings.server = settings.server.with_security(&sec);
     settings.client = settings.client.with_security(&sec)?;
     Ok(settings)

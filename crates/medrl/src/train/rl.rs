@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
-use medrl_coordinator::{PromptSet, serve};
+use medrl_coordinator::{PromptSet, serve_with};
+use medrl_proto::ServerOptions;
 use medrl_learner::service::{resume_or_new, serve_learner};
 use medrl_rollout::run_worker;
 
@@ -36,7 +37,9 @@ pub fn run_rl(config: &RunConfig, policy: &Path, split: &Split, run_dir: &Path, 
         cc.listen = loopback();
         cc.metrics_listen = None;
         cc.journal = Some(dir.join("coordinator.journal"));
-        let coordinator = serve(cc, PromptSet::from_jsonl(&split.file)?).await.context("starting the coordinator")?;
+        // The same token and TLS as the learner and the workers dialling it.
+        let options = ServerOptions::default().with_security(&crate::cmd::roles::security(config, crate::cmd::roles::TlsSides::Server)?);
+        let coordinator = serve_with(cc, PromptSet::from_jsonl(&split.file)?, options).await.context("starting the coordinator")?;
         let mut settings = crate::cmd::roles::learner_settings(config, coordinator.endpoint(), policy.to_path_buf())?;
         settings.listen = loopback();
         settings.metrics_listen = None;
