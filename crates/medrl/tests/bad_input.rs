@@ -167,6 +167,25 @@ fn bad_images_are_named_errors() {
     assert!(out.status.success(), "good image: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+#[test]
+fn score_with_a_bad_image_keeps_the_previous_output_and_leaves_no_temp_file() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let model = tiny_model(tmp.path());
+    std::fs::write(tmp.path().join("good.png"), real_png(56, 56)).expect("write image");
+    std::fs::write(tmp.path().join("bad.png"), b"not an image").expect("write image");
+    let input = tmp.path().join("in.jsonl");
+    let line = |image: &str| format!(r#"{{"images": ["{image}"], "prompt": "What is shown?", "completion": "A square."}}"#);
+    // The first batch is scored and written before the second fails.
+    std::fs::write(&input, format!("{}\n{}\n", line("good.png"), line("bad.png"))).expect("write input");
+    let output = tmp.path().join("out.jsonl");
+    std::fs::write(&output, "previous\n").expect("write output");
+    let out = medrl(&["score", "--model", s(&model), "--input", s(&input), "--output", s(&output), "--batch-size", "1"]);
+    assert_clean_error("score with a bad image", &out, &["bad.png"]);
+    assert_eq!(std::fs::read_to_string(&output).expect("output"), "previous\n", "the previous output is untouched");
+    let left: Vec<_> = std::fs::read_dir(tmp.path()).expect("read_dir").filter_map(|e| e.ok()).map(|e| e.file_name()).filter(|n| n.to_string_lossy().contains(".tmp")).collect();
+    assert!(left.is_empty(), "temporary files left behind: {left:?}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Weights through `medrl generate`
 // ---------------------------------------------------------------------------------------------

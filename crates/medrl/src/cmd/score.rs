@@ -67,7 +67,17 @@ pub fn run(a: Args) -> Result<()> {
         }
     }
     let tmp = a.output.with_extension("jsonl.tmp");
-    let mut out = std::io::BufWriter::new(std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?);
+    let result = write_scores(&vlm, &items, &a, &tmp).and_then(|()| std::fs::rename(&tmp, &a.output).with_context(|| format!("writing {}", a.output.display())));
+    if result.is_err() {
+        // A failed run leaves the previous output (if any) and nothing else; the error says why.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Scores `items` in batches into `tmp`.
+fn write_scores(vlm: &Vlm, items: &[Item], a: &Args, tmp: &Path) -> Result<()> {
+    let mut out = std::io::BufWriter::new(std::fs::File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?);
     for chunk in items.chunks(a.batch_size.max(1)) {
         let mut batch = Vec::with_capacity(chunk.len());
         for item in chunk {
@@ -79,11 +89,8 @@ pub fn run(a: Args) -> Result<()> {
             let mut line = item.line.clone();
             line.insert("completion_token_ids".into(), ids.into());
             line.insert("token_logprobs".into(), lps.into());
-            writeln!(out, "{}", Value::Object(line))?;
+            writeln!(out, "{}", Value::Object(line)).with_context(|| format!("writing {}", tmp.display()))?;
         }
     }
-    out.flush()?;
-    drop(out);
-    std::fs::rename(&tmp, &a.output).with_context(|| format!("writing {}", a.output.display()))?;
-    Ok(())
+    out.flush().with_context(|| format!("writing {}", tmp.display()))
 }
