@@ -180,7 +180,8 @@ pub fn parse_freeform(text: &str) -> (String, bool) {
 /// Judges one completion as the eval kit does (`eval_one_row`).
 ///
 /// An item is MCQ when it has a label and options (the kit needs both; with no options its
-/// prompt is free-form too). MCQ: the parsed letter against `label.strip().upper()`.
+/// prompt is free-form too). MCQ: the parsed letter against `label.strip().upper()`; a blank
+/// label is never matched.
 /// Free-form: `normalize_text` of both sides; an empty normalised gold is never matched.
 pub fn eval_kit_judge(completion: &str, gold: &Gold<'_>) -> EvalKitJudgement {
     match gold.label {
@@ -190,7 +191,9 @@ pub fn eval_kit_judge(completion: &str, gold: &Gold<'_>) -> EvalKitJudgement {
                 .map(String::from)
                 .unwrap_or_default();
             EvalKitJudgement {
-                correct: prediction == expected,
+                // A blank label names no option, so nothing matches it; without this guard the
+                // empty prediction of an unparseable completion would.
+                correct: !expected.is_empty() && prediction == expected,
                 prediction,
                 used_answer_tag: extract_answer_tag(completion).is_some(),
             }
@@ -351,6 +354,22 @@ mod tests {
                 used_answer_tag: true
             }
         );
+    }
+
+    #[test]
+    fn judge_mcq_never_matches_a_blank_label() {
+        let options = abcd();
+        for label in ["", " ", "\t\n"] {
+            let gold = Gold {
+                answer: "y",
+                label: Some(label),
+                options: &options,
+            };
+            for completion in ["", "no idea", "<answer></answer>", "<answer>C</answer>", "<answer> </answer>"] {
+                let j = eval_kit_judge(completion, &gold);
+                assert!(!j.correct, "label {label:?}, completion {completion:?}: {j:?}");
+            }
+        }
     }
 
     #[test]
