@@ -51,6 +51,10 @@ pub struct CoordinatorConfig {
     pub max_image_bytes: u64,
     /// Seconds between sweeps for expired leases and dead workers (default 1).
     pub reaper_interval_s: f64,
+    /// Seconds `medrl coordinator` keeps serving once the run is done (default 10), so workers
+    /// and the learner hear `done` before the endpoint goes away (a worker that misses it retries
+    /// a vanished coordinator until stopped); keep it above a few heartbeat intervals.
+    pub linger_s: f64,
     /// Support-aware scheduling (off by default: the paper's run trains on every prompt).
     pub support: SupportConfig,
 }
@@ -93,6 +97,7 @@ impl Default for CoordinatorConfig {
             max_message_bytes: medrl_proto::server::DEFAULT_MAX_MESSAGE_BYTES,
             max_image_bytes: 32 * 1024 * 1024,
             reaper_interval_s: 1.0,
+            linger_s: 10.0,
             support: SupportConfig::default(),
         }
     }
@@ -134,6 +139,9 @@ impl CoordinatorConfig {
         positive_secs("heartbeat_interval_s", self.heartbeat_interval_s)?;
         positive_secs("stall_timeout_s", self.stall_timeout_s)?;
         positive_secs("reaper_interval_s", self.reaper_interval_s)?;
+        if !(self.linger_s.is_finite() && (0.0..1e9).contains(&self.linger_s)) {
+            return Err(ConfigError { field: "linger_s", problem: format!("expected seconds >= 0, found {}", self.linger_s) });
+        }
         if self.lease_max_lifetime_s < self.lease_ttl_s {
             return Err(ConfigError {
                 field: "lease_max_lifetime_s",
@@ -186,6 +194,11 @@ impl CoordinatorConfig {
         Duration::from_secs_f64(self.heartbeat_interval_s)
     }
 
+    /// Time served after the run is done.
+    pub fn linger(&self) -> Duration {
+        Duration::from_secs_f64(self.linger_s)
+    }
+
     /// Silence after which a worker is declared dead.
     pub fn worker_timeout(&self) -> Duration {
         self.heartbeat_interval() * self.worker_timeout_heartbeats
@@ -201,6 +214,7 @@ mod tests {
         CoordinatorConfig::default().validate().expect("defaults are valid");
         let parsed: CoordinatorConfig = serde_json::from_str(r#"{"max_staleness": 1, "support": {"enabled": true}}"#).expect("parses");
         assert_eq!(parsed.max_staleness, 1);
+        assert_eq!(parsed.linger(), Duration::from_secs(10), "today's linger when the key is absent");
         assert!(parsed.support.enabled);
         let err = serde_json::from_str::<CoordinatorConfig>(r#"{"lease_ttl": 3}"#).expect_err("typo");
         assert!(err.to_string().contains("lease_ttl"), "{err}");
@@ -214,6 +228,11 @@ mod tests {
         assert_eq!(bad.validate().expect_err("negative").field, "lease_ttl_s");
         let bad = CoordinatorConfig { prompts_per_step: 0, ..Default::default() };
         assert_eq!(bad.validate().expect_err("zero").field, "prompts_per_step");
+        for linger_s in [-1.0, f64::NAN, f64::INFINITY] {
+            let bad = CoordinatorConfig { linger_s, ..Default::default() };
+            assert_eq!(bad.validate().expect_err("bad linger").field, "linger_s");
+        }
+        CoordinatorConfig { linger_s: 0.0, ..Default::default() }.validate().expect("no linger is valid");
         let mut bad = CoordinatorConfig::default();
         bad.support.zero_support_max = 0.9;
         bad.support.saturated_min = 0.5;

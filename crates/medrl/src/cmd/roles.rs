@@ -1,7 +1,6 @@
 //! `medrl coordinator|worker|learner --config FILE`: the roles as separate processes (pods).
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
 use medrl_coordinator::{PromptSet, serve_with};
@@ -35,7 +34,7 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
 }
 
-/// Serves the coordinator until the run is done (plus a short linger) or a signal.
+/// Serves the coordinator until the run is done (plus `coordinator.linger_s`) or a signal.
 pub fn coordinator(a: RoleArgs) -> Result<()> {
     let config = a.load()?;
     let run_dir = &config.run.output_dir;
@@ -47,11 +46,12 @@ pub fn coordinator(a: RoleArgs) -> Result<()> {
         cc.journal = Some(run_dir.join("coordinator.journal"));
     }
     let prompts = PromptSet::from_jsonl(&split.file)?;
+    let linger = cc.linger();
     let options = ServerOptions::default().with_security(&security(&config, TlsSides::Server)?);
     runtime()?.block_on(async move {
         let handle = serve_with(cc, prompts, options).await?;
         tracing::info!(endpoint = %handle.endpoint(), "coordinator serving");
-        handle.run_until_stopped(Duration::from_secs(10)).await?;
+        handle.run_until_stopped(linger).await?;
         anyhow::Ok(())
     })
 }

@@ -17,6 +17,10 @@ pub const LIMIT: Duration = Duration::from_secs(240);
 /// Prompts per learner step in every run config written here.
 pub const PROMPTS_PER_STEP: usize = 2;
 
+/// `coordinator.linger_s` of every run config written here: four of the default heartbeat
+/// intervals, enough for idle workers to hear `done` (the 10 s default only slows each run).
+pub const LINGER_S: f64 = 2.0;
+
 /// A port free on the host's loopback now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
@@ -91,7 +95,7 @@ impl Cluster {
                  rollout: {{group_size: 2, max_new_tokens: 6}}\n\
                  algorithm: {{name: grpo}}\n\
                  learner: {{optimizer: {{lr: 1.0e-4}}, total_steps: {steps}, save_every: 1, gradient_checkpointing: false}}\n\
-                 coordinator: {{listen: '{ip}:{coordinator}', metrics_listen: null, prompts_per_step: {PROMPTS_PER_STEP}, epochs: 1, lease_ttl_s: {ttl}, heartbeat_interval_s: {hb}}}\n\
+                 coordinator: {{listen: '{ip}:{coordinator}', metrics_listen: null, prompts_per_step: {PROMPTS_PER_STEP}, epochs: 1, lease_ttl_s: {ttl}, heartbeat_interval_s: {hb}, linger_s: {LINGER_S}}}\n\
                  cluster: {{coordinator: 'http://{host}:{coordinator}', learner: 'http://{host}:{learner}', learner_listen: '{ip}:{learner}', learner_metrics_listen: null, worker_health_listen: null, worker_metrics_listen: null{extra}}}\n",
                 run = dir.join("run").display(),
                 model = model.display(),
@@ -262,7 +266,7 @@ pub fn wait_exit(child: &mut Child, what: &str, dir: &Path) {
 
 /// Waits for every process to end cleanly, then checks the epoch was trained exactly once.
 pub fn finish(cluster: &Cluster, mut procs: Vec<(Child, &str)>) {
-    // The learner ends the run; the coordinator lingers briefly; workers exit on `done`.
+    // The learner ends the run; the coordinator lingers `LINGER_S`; workers exit on `done`.
     for (child, what) in procs.iter_mut() {
         wait_exit(child, what, &cluster.dir);
     }
