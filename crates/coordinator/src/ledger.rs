@@ -1,8 +1,9 @@
 //! Per-epoch accounting of every prompt: pending -> leased -> delivered -> trained (or skipped,
-//! failed). The queue is the epoch order plus a front queue of prompts that came back; both are
-//! rebuilt from the statuses alone, which is what lets a restart resume the same order.
+//! failed). The queue is the epoch order: pending prompts are served by their position in it, a
+//! prompt that came back after the cursor passed it included, so the queue follows from the
+//! statuses alone, which is what lets a restart resume the same order.
 
-use std::collections::VecDeque;
+use std::collections::BTreeSet;
 
 use crate::order::epoch_order;
 
@@ -87,11 +88,14 @@ pub struct EpochLedger {
     /// The epoch number.
     pub epoch: u32,
     order: Vec<u32>,
+    /// Position of each prompt in `order`.
+    position: Vec<u32>,
     status: Vec<Status>,
     /// Next position of `order` not yet considered.
     cursor: usize,
-    /// Prompts that became pending again after the cursor passed them; served first.
-    returned: VecDeque<u32>,
+    /// Positions, before the cursor, of prompts that became pending again; served first,
+    /// earliest position first, so a requeue keeps the data order whatever order it came in.
+    returned: BTreeSet<u32>,
     counts: Counts,
     /// Grants of each prompt in this epoch by this process (not durable).
     attempts: Vec<u32>,
@@ -100,12 +104,18 @@ pub struct EpochLedger {
 impl EpochLedger {
     /// Opens an epoch of `n` prompts in its seeded order, all pending.
     pub fn open(epoch: u32, n: u32, seed: u64) -> EpochLedger {
+        let order = epoch_order(n, seed, epoch);
+        let mut position = vec![0; order.len()];
+        for (i, &p) in order.iter().enumerate() {
+            position[p as usize] = i as u32;
+        }
         EpochLedger {
             epoch,
-            order: epoch_order(n, seed, epoch),
+            order,
+            position,
             status: vec![Status::Pending; n as usize],
             cursor: 0,
-            returned: VecDeque::new(),
+            returned: BTreeSet::new(),
             counts: Counts { pending: n, ..Counts::default() },
             attempts: vec![0; n as usize],
         }
@@ -137,7 +147,7 @@ impl EpochLedger {
     }
 
     /// Sets a status, keeping the counts and the queue right. A prompt that becomes pending
-    /// again is queued in front of the prompts not yet reached.
+    /// again is queued in front of the prompts not yet reached, at its place in the order.
     pub fn set(&mut self, prompt: u32, new: Status) {
         let Some(old) = self.status.get(prompt as usize).copied() else { return };
         if old == new {
@@ -146,14 +156,17 @@ impl EpochLedger {
         *self.counts.slot_mut(old.slot()) -= 1;
         *self.counts.slot_mut(new.slot()) += 1;
         self.status[prompt as usize] = new;
-        if new == Status::Pending {
-            self.returned.push_back(prompt);
+        let at = self.position[prompt as usize];
+        // One the cursor has yet to reach is served in its turn anyway.
+        if new == Status::Pending && (at as usize) < self.cursor {
+            self.returned.insert(at);
         }
     }
 
     /// The next pending prompt in queue order, or `None`. It stays pending until `set`.
     pub fn next_pending(&mut self) -> Option<u32> {
-        while let Some(p) = self.returned.pop_front() {
+        while let Some(at) = self.returned.pop_first() {
+            let p = self.order[at as usize];
             if self.status(p) == Status::Pending {
                 return Some(p);
             }
@@ -213,5 +226,49 @@ mod tests {
         e.set(first, Status::Trained(1));
         assert_eq!(e.next_pending(), Some(order[2]));
         assert_eq!(e.counts(), Counts { pending: 3, leased: 1, delivered: 0, trained: 1, skipped: 0, failed: 0 });
+    }
+
+    #[test]
+    fn requeued_prompts_come_back_in_data_order_whatever_order_they_are_requeued_in() {
+        // A learner restart: the step it lost (positions 0, 1, trained) and the next step's
+        // deliveries (positions 2, 3) go back, the deliveries named first, as sync_learner does.
+        let mut e = EpochLedger::open(0, 8, 42);
+        let order = e.order().to_vec();
+        for (i, &p) in order[..4].iter().enumerate() {
+            assert_eq!(e.next_pending(), Some(p));
+            e.set(p, Status::Leased(i as u64));
+        }
+        for &p in &order[..2] {
+            e.set(p, Status::Trained(3));
+        }
+        for &p in &order[2..4] {
+            e.set(p, Status::Delivered);
+        }
+        for &p in [order[3], order[2], order[1], order[0]].iter() {
+            e.set(p, Status::Pending);
+        }
+        let served: Vec<u32> = std::iter::from_fn(|| {
+            let p = e.next_pending()?;
+            e.set(p, Status::Leased(9));
+            Some(p)
+        })
+        .collect();
+        assert_eq!(served, order, "the whole epoch in its data order");
+    }
+
+    #[test]
+    fn a_prompt_requeued_before_the_cursor_reaches_it_is_served_once_in_its_turn() {
+        let mut e = EpochLedger::open(0, 4, 7);
+        let order = e.order().to_vec();
+        e.set(order[2], Status::Delivered);
+        e.set(order[2], Status::Pending);
+        let served: Vec<u32> = std::iter::from_fn(|| {
+            let p = e.next_pending()?;
+            e.set(p, Status::Leased(1));
+            Some(p)
+        })
+        .collect();
+        assert_eq!(served, order);
+        assert_eq!(e.counts().leased, 4);
     }
 }

@@ -324,10 +324,11 @@ async fn learner_sync_requeues_untrained_and_lost_steps() {
         assert_eq!((st.published_version, st.learner_version), (1, 1));
         let e = &st.epoch_counts[0];
         assert_eq!((e.trained, e.delivered, e.pending), (2, 0, 4));
-        // The requeued prompts come back before the ones never leased.
+        // The requeued prompts come back before the ones never leased, in the data order: the
+        // lost step's prompt (ids[2]) before the untrained delivery (ids[3]).
         let again = lease(&mut c, &w, 4, 1).await.expect("re-lease");
-        let got: HashSet<String> = again.prompts.iter().take(2).map(|p| p.prompt_id.clone()).collect();
-        assert_eq!(got, ids[2..4].iter().cloned().collect::<HashSet<_>>());
+        let got: Vec<String> = again.prompts.iter().take(2).map(|p| p.prompt_id.clone()).collect();
+        assert_eq!(got, ids[2..4].to_vec());
         handle.shutdown().await.expect("shutdown");
     })
     .await;
