@@ -17,6 +17,7 @@ static FIRST_ONE_LINE_ANSWER: LazyLock<Regex> =
 /// The answer is the first `<answer>…</answer>` that does not span a newline (the original
 /// searches without DOTALL); when every tag spans one, the whole completion is compared, which
 /// practically never matches. `label` is the option letter; `None` compares the text only.
+/// A blank gold is matched by a blank answer, as the released code does (see `grade_answer`).
 pub fn med_vl_thinker_accuracy(completion: &str, answer: &str, label: Option<&str>) -> f64 {
     if format_reward(completion) == 0.0 {
         return 0.0;
@@ -33,6 +34,12 @@ pub fn med_vl_thinker_accuracy(completion: &str, answer: &str, label: Option<&st
 }
 
 /// `grade_answer`: case-insensitive equality with the letter-and-text form, the letter, or the text.
+///
+/// A blank gold is matched, as in the released grader: a blank label, or a blank answer, is
+/// equal to the blank prediction of `<answer></answer>` (and a blank answer with label `B` to
+/// `B.`). Kept for parity with MedVLThinker's reward, unlike [`super::eval_kit_judge`], which
+/// never matches a blank label; validated records cannot carry a blank label, but a record
+/// without options may carry a blank answer.
 fn grade_answer(prediction: &str, answer: &str, label: Option<&str>) -> bool {
     let norm = |s: &str| pytext::strip(s).to_lowercase();
     let prediction = norm(prediction);
@@ -96,6 +103,35 @@ mod tests {
             score("<think>r</think><answer>\nA\n</answer><answer>B</answer>"),
             1.0
         );
+    }
+
+    #[test]
+    fn a_blank_gold_is_matched_by_a_blank_answer_as_in_the_released_grader() {
+        // Each expectation is what MedVLThinker's `compute_score` (train/my_reward.py) returns
+        // for the same completion, answer and answer_label.
+        let cases = [
+            ("<answer></answer>", "Left lung", Some(""), 1.0),
+            ("<answer> </answer>", "Left lung", Some("  "), 1.0),
+            ("<answer>A</answer>", "Left lung", Some(""), 0.0),
+            ("<answer></answer>", "", Some("B"), 1.0),
+            ("<answer>B.</answer>", "", Some("B"), 1.0),
+            ("<answer>B</answer>", "", Some("B"), 1.0),
+            ("<answer></answer>", "", None, 1.0),
+            ("<answer>x</answer>", "", None, 0.0),
+            // Not found without DOTALL: the whole completion is compared, and is not blank.
+            ("<answer>\n</answer>", "", None, 0.0),
+        ];
+        for (answer_tag, answer, label, expected) in cases {
+            let completion = format!("<think>r</think>{answer_tag}");
+            assert_eq!(
+                med_vl_thinker_accuracy(&completion, answer, label),
+                expected,
+                "{completion:?}, answer {answer:?}, label {label:?}"
+            );
+        }
+        // The format gate still comes first.
+        assert_eq!(med_vl_thinker_accuracy("", "", None), 0.0);
+        assert_eq!(med_vl_thinker_accuracy("<answer></answer>", "", Some("")), 0.0);
     }
 
     #[test]
