@@ -42,7 +42,14 @@ pub enum PromptTemplate {
     /// `med_vl_thinker_inline`: MedVLThinker as its released train/eval code builds it: the
     /// instruction (literal `\n`) inlined before the `Question:/Options:` user text, no system turn.
     MedVlThinkerInline,
+    /// `bare`: the question (and options) alone, no instruction and the shortest system turn; for
+    /// models that learn the answer format from SFT, like the tiny default model, whose few
+    /// layers find the image sooner in a short prompt.
+    Bare,
 }
+
+/// System turn of the `bare` template (the chat template's default would add ~27 tokens).
+pub const BARE_SYSTEM: &str = "Answer about the image.";
 
 /// The text parts of one prompt; images are placed by the chat template, not here.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +93,7 @@ impl PromptTemplate {
             Self::EvalKit => "eval_kit",
             Self::MedVlThinker => "med_vl_thinker",
             Self::MedVlThinkerInline => "med_vl_thinker_inline",
+            Self::Bare => "bare",
         }
     }
 
@@ -111,6 +119,10 @@ impl PromptTemplate {
                     med_vl_thinker_user(question, options)
                 ),
             },
+            Self::Bare => Prompt {
+                system: Some(BARE_SYSTEM.to_owned()),
+                user: bare_user(question, options),
+            },
         }
     }
 }
@@ -131,6 +143,13 @@ fn r1v_user<S: AsRef<str>>(question: &str, options: &[S]) -> String {
             option_lines(options, "\n")
         )
     }
+}
+
+/// `bare` user text: the question without `<image>` (the chat template places images), then the
+/// options as the eval kit renders them.
+fn bare_user<S: AsRef<str>>(question: &str, options: &[S]) -> String {
+    let question = question.replace("<image>", "");
+    if options.is_empty() { question } else { format!("{question}\n\nOptions:\n{}", option_lines(options, "\n")) }
 }
 
 /// Eval kit user text (`build_prompt_with_tags`): the question is stripped; no options means
@@ -184,6 +203,16 @@ mod tests {
             p.user,
             format!(" Q?\n\n\nOptions:\nA. Left lung\nB. Right lung{R1V_SUFFIX}")
         );
+    }
+
+    #[test]
+    fn bare_is_the_question_with_a_short_system_turn() {
+        let p = PromptTemplate::Bare.build("<image>Which side?", &NONE);
+        assert_eq!(p.system.as_deref(), Some(BARE_SYSTEM));
+        assert_eq!(p.user, "Which side?");
+        let p = PromptTemplate::Bare.build("Which side?", &OPTS);
+        assert_eq!(p.user, "Which side?\n\nOptions:\nA. Left lung\nB. Right lung");
+        assert_eq!(PromptTemplate::Bare.name(), "bare");
     }
 
     #[test]
