@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::sync::OnceLock;
 
+use plotters::chart::MeshStyle;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
@@ -31,6 +32,23 @@ pub(crate) const COLOURS: [(u8, u8, u8); 10] = [
 
 /// Figure size in pixels (both panels).
 pub const FIGURE_SIZE: (u32, u32) = (1400, 620);
+
+/// The house style of every chart's axes: label fonts and a faint grid of major lines only.
+pub(crate) fn axis_style<'m, 'a, 'b, X: Ranged, Y: Ranged, DB: DrawingBackend>(mesh: &'m mut MeshStyle<'a, 'b, X, Y, DB>) -> &'m mut MeshStyle<'a, 'b, X, Y, DB> {
+    mesh.label_style(("sans-serif", 15)).axis_desc_style(("sans-serif", 16)).light_line_style(WHITE.mix(0.0)).bold_line_style(BLACK.mix(0.12))
+}
+
+/// Draws a chart's legend at `position` in the house style.
+pub(crate) fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(chart: &mut ChartContext<'a, DB, CT>, position: SeriesLabelPosition) -> std::result::Result<(), String> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .label_font(("sans-serif", 14))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK.mix(0.3))
+        .draw()
+        .map_err(|e| e.to_string())
+}
 
 /// Registers the embedded font as plotters' `sans-serif`, once per process.
 pub(crate) fn ensure_font() -> Result<()> {
@@ -77,18 +95,7 @@ pub(crate) fn panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, title: &s
         .build_cartesian_2d((0.85f64..k_max * 1.15).log_scale().base(2.0), 0f64..100f64)
         .map_err(|e| e.to_string())?;
     let ticks = (k_max.log2().round() as usize) + 1;
-    chart
-        .configure_mesh()
-        .x_desc("k (samples drawn, log2 scale)")
-        .y_desc("Pass@k (%)")
-        .x_labels(ticks)
-        .y_labels(11)
-        .x_label_formatter(&|x| format!("{x:.0}"))
-        .y_label_formatter(&|y| format!("{y:.0}"))
-        .label_style(("sans-serif", 15))
-        .axis_desc_style(("sans-serif", 16))
-        .light_line_style(WHITE.mix(0.0))
-        .bold_line_style(BLACK.mix(0.12))
+    axis_style(chart.configure_mesh().x_desc("k (samples drawn, log2 scale)").y_desc("Pass@k (%)").x_labels(ticks).y_labels(11).x_label_formatter(&|x| format!("{x:.0}")).y_label_formatter(&|y| format!("{y:.0}")))
         .draw()
         .map_err(|e| e.to_string())?;
     for c in curves {
@@ -110,14 +117,7 @@ pub(crate) fn panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, title: &s
         .map_err(|e| e.to_string())?
         .label("greedy Acc@1 (drawn at k = 1)")
         .legend(|(x, y)| Cross::new((x + 11, y), 6, ShapeStyle::from(&BLACK).stroke_width(2)));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .label_font(("sans-serif", 14))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK.mix(0.3))
-        .draw()
-        .map_err(|e| e.to_string())
+    legend(&mut chart, SeriesLabelPosition::LowerRight)
 }
 
 fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, metrics: &Metrics) -> std::result::Result<(), String> {

@@ -10,7 +10,7 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 use crate::error::{EvalError, Result};
 use crate::metrics::Metrics;
-use crate::plot::{COLOURS, Curve, curve, ensure_font, panel};
+use crate::plot::{COLOURS, Curve, axis_style, curve, ensure_font, legend, panel};
 use crate::run_log::{PhaseEval, StepPoint, SupportSnapshot};
 
 /// Size of a one-panel figure in pixels.
@@ -90,16 +90,7 @@ pub fn line_chart(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: 
             .y_label_area_size(64)
             .build_cartesian_2d(x.0..x.1, y.0..y.1)
             .map_err(|e| e.to_string())?;
-        chart
-            .configure_mesh()
-            .x_desc(x_desc)
-            .y_desc(y_desc)
-            .x_label_formatter(&tick)
-            .y_label_formatter(&tick)
-            .label_style(("sans-serif", 15))
-            .axis_desc_style(("sans-serif", 16))
-            .light_line_style(WHITE.mix(0.0))
-            .bold_line_style(BLACK.mix(0.12))
+        axis_style(chart.configure_mesh().x_desc(x_desc).y_desc(y_desc).x_label_formatter(&tick).y_label_formatter(&tick))
             .draw()
             .map_err(|e| e.to_string())?;
         for (i, s) in series.iter().enumerate() {
@@ -112,14 +103,7 @@ pub fn line_chart(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: 
                 .label(s.label.clone())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 22, y)], ShapeStyle::from(&colour).stroke_width(2)));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .label_font(("sans-serif", 14))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK.mix(0.3))
-            .draw()
-            .map_err(|e| e.to_string())?;
+        legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         root.present().map_err(|e| e.to_string())
     })
 }
@@ -148,16 +132,7 @@ fn bar_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, title: &str, y_d
         .build_cartesian_2d((-SLOT / 2..n as i32 * SLOT - SLOT / 2).with_key_points(ticks), 0f64..y_max)
         .map_err(|e| e.to_string())?;
     let name = |x: &i32| if x.rem_euclid(SLOT) == 0 { categories.get((x / SLOT) as usize).cloned().unwrap_or_default() } else { String::new() };
-    chart
-        .configure_mesh()
-        .disable_x_mesh()
-        .y_desc(y_desc)
-        .x_label_formatter(&name)
-        .y_label_formatter(&tick)
-        .label_style(("sans-serif", 15))
-        .axis_desc_style(("sans-serif", 16))
-        .light_line_style(WHITE.mix(0.0))
-        .bold_line_style(BLACK.mix(0.12))
+    axis_style(chart.configure_mesh().disable_x_mesh().y_desc(y_desc).x_label_formatter(&name).y_label_formatter(&tick))
         .draw()
         .map_err(|e| e.to_string())?;
     let mut base = vec![0.0; n];
@@ -188,14 +163,7 @@ fn bar_panel<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, title: &str, y_d
             .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], colour.filled()));
         chart.draw_series(labels).map_err(|e| e.to_string())?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font(("sans-serif", 14))
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK.mix(0.3))
-        .draw()
-        .map_err(|e| e.to_string())
+    legend(&mut chart, SeriesLabelPosition::UpperRight)
 }
 
 /// `reward.png`: mean total reward and mean accuracy of each RL step.
