@@ -95,11 +95,15 @@ pub fn generate(model: &Qwen25Vl, requests: &[Request<'_>], params: &GenerationP
     let mut cache = KvCache::concat(&caches)?;
     let mut finished: Vec<Row> = Vec::new();
     let mut logits = first_logits;
+    // Image and video placeholders are never text: a completion holding one would be read as an
+    // image slot by the next forward pass over it (the learner's), so they are never sampled.
+    let c = &model.config;
+    let placeholders = [c.image_token_id, c.video_token_id, c.vision_start_token_id];
     for step in 0..params.max_new_tokens {
         let mut keep = Vec::new();
         let mut still: Vec<Row> = Vec::new();
         for (i, (mut row, lg)) in rows.into_iter().zip(logits.iter()).enumerate() {
-            let (token, lp) = choose(lg, params.sampling, &mut row.rng);
+            let (token, lp) = choose_except(lg, params.sampling, &mut row.rng, &placeholders);
             row.out.token_ids.push(token);
             row.out.logprobs.push(lp);
             if stop_ids.contains(&token) {
@@ -151,15 +155,23 @@ fn log_softmax(x: &[f32]) -> Vec<f32> {
 
 /// Picks the next token from one row of logits; returns it with its log-prob.
 pub fn choose(logits: &[f32], sampling: Sampling, rng: &mut StdRng) -> (u32, f32) {
+    choose_except(logits, sampling, rng, &[])
+}
+
+/// [`choose`] never picking a token of `excluded`. Exclusion is a truncation like top-k: the
+/// log-prob stays that of the full distribution, which is what a learner recomputes.
+fn choose_except(logits: &[f32], sampling: Sampling, rng: &mut StdRng, excluded: &[u32]) -> (u32, f32) {
+    let allowed = |i: usize| !excluded.contains(&(i as u32));
     match sampling {
         Sampling::Greedy => {
             // First index of the maximum, as torch.argmax.
-            let mut best = 0;
+            let mut best: Option<usize> = None;
             for (i, &v) in logits.iter().enumerate() {
-                if v > logits[best] {
-                    best = i;
+                if allowed(i) && best.is_none_or(|b| v > logits[b]) {
+                    best = Some(i);
                 }
             }
+            let best = best.unwrap_or(0);
             (best as u32, log_softmax(logits)[best])
         }
         Sampling::Random { temperature, top_p, top_k } => {
@@ -168,9 +180,10 @@ pub fn choose(logits: &[f32], sampling: Sampling, rng: &mut StdRng) -> (u32, f32
             let lp = log_softmax(&scaled);
             if top_k == 0 && top_p >= 1.0 {
                 // Nothing is truncated: draw from the full distribution without sorting 152k logits.
-                return draw(lp.iter().enumerate().map(|(i, &l)| (i, (l as f64).exp())), 1.0, rng, &lp);
+                let mass = 1.0 - excluded.iter().filter_map(|&i| lp.get(i as usize)).map(|&l| (l as f64).exp()).sum::<f64>();
+                return draw(lp.iter().enumerate().filter(|&(i, _)| allowed(i)).map(|(i, &l)| (i, (l as f64).exp())), mass, rng, &lp);
             }
-            let mut order: Vec<usize> = (0..scaled.len()).collect();
+            let mut order: Vec<usize> = (0..scaled.len()).filter(|&i| allowed(i)).collect();
             order.sort_by(|&a, &b| scaled[b].total_cmp(&scaled[a]).then(a.cmp(&b)));
             if top_k > 0 && top_k < order.len() {
                 order.truncate(top_k);
@@ -219,6 +232,24 @@ mod tests {
         let (t, lp) = choose(&[0.0, 2.0, 2.0, -1.0], Sampling::Greedy, &mut rng);
         assert_eq!(t, 1);
         assert!((lp - log_softmax(&[0.0, 2.0, 2.0, -1.0])[1]).abs() < 1e-7);
+    }
+
+    #[test]
+    fn excluded_tokens_are_never_chosen_and_keep_full_log_probs() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let logits = [0.0f32, 5.0, 1.0, 4.0];
+        let full = log_softmax(&logits);
+        let (t, lp) = choose_except(&logits, Sampling::Greedy, &mut rng, &[1]);
+        assert_eq!((t, lp), (3, full[3]));
+        for s in [Sampling::Random { temperature: 1.0, top_p: 1.0, top_k: 0 }, Sampling::Random { temperature: 0.7, top_p: 0.9, top_k: 2 }] {
+            for _ in 0..200 {
+                let (t, lp) = choose_except(&logits, s, &mut rng, &[1]);
+                assert_ne!(t, 1);
+                if let Sampling::Random { temperature: 1.0, .. } = s {
+                    assert_eq!(lp, full[t as usize]);
+                }
+            }
+        }
     }
 
     #[test]
