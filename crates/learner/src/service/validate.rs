@@ -20,6 +20,9 @@ pub struct Limits {
     pub max_sequence_tokens: usize,
     /// Size of one image.
     pub max_image_bytes: u64,
+    /// Image, video and vision-start placeholders: never text, so never in a completion (the
+    /// step's forward pass would read them as image slots).
+    pub placeholder_ids: [u32; 3],
 }
 
 fn check_ids(field: &str, ids: &[u32], vocab: usize) -> Result<(), String> {
@@ -71,6 +74,9 @@ pub fn validate_group(group: &RolloutGroup, limits: &Limits, current_version: u6
             return Err(format!("field `completions[{i}].logprobs`: {} values for {} tokens", c.logprobs.len(), c.token_ids.len()));
         }
         check_ids(&format!("completions[{i}].token_ids"), &c.token_ids, limits.vocab_size)?;
+        if let Some(j) = c.token_ids.iter().position(|id| limits.placeholder_ids.contains(id)) {
+            return Err(format!("field `completions[{i}].token_ids[{j}]`: {} is an image placeholder token, which a completion cannot hold", c.token_ids[j]));
+        }
         if let Some(j) = c.logprobs.iter().position(|lp| !lp.is_finite()) {
             return Err(format!("field `completions[{i}].logprobs[{j}]`: {} is not finite", c.logprobs[j]));
         }
@@ -104,7 +110,7 @@ mod tests {
 
     use super::*;
 
-    const LIMITS: Limits = Limits { vocab_size: 100, max_completions: 4, max_sequence_tokens: 64, max_image_bytes: 1000 };
+    const LIMITS: Limits = Limits { vocab_size: 100, max_completions: 4, max_sequence_tokens: 64, max_image_bytes: 1000, placeholder_ids: [97, 98, 99] };
 
     fn group() -> RolloutGroup {
         let record = VqaRecord {
@@ -148,6 +154,7 @@ mod tests {
         assert!(problem(|g| g.completions[0].logprobs.truncate(1)).contains("logprobs"));
         assert!(problem(|g| g.completions[0].logprobs[0] = f32::NAN).contains("logprobs[0]"));
         assert!(problem(|g| g.completions[0].token_ids[0] = 500).contains("token_ids[0]"));
+        assert!(problem(|g| g.completions[0].token_ids[1] = 98).contains("token_ids[1]`: 98 is an image placeholder"));
         assert!(problem(|g| g.completions = vec![g.completions[0].clone(); 5]).contains("at most 4"));
         assert!(problem(|g| {
             g.completions[0].token_ids = vec![1; 70];
