@@ -9,7 +9,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::auth::ClientAuth;
 use crate::error::ProtoError;
 use crate::security::{Security, TlsSettings};
-use crate::server::DEFAULT_MAX_MESSAGE_BYTES;
+use crate::server::{DEFAULT_MAX_MESSAGE_BYTES, HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_STREAM_WINDOW_BYTES};
 use crate::v1::coordinator_client::CoordinatorClient;
 use crate::v1::learner_client::LearnerClient;
 use crate::v1::weights_client::WeightsClient;
@@ -79,6 +79,8 @@ pub async fn connect(endpoint: &str, options: &ClientOptions) -> Result<Channel,
         .map_err(|cause| ProtoError::Endpoint { endpoint: endpoint.to_string(), cause })?
         .connect_timeout(options.connect_timeout)
         .tcp_nodelay(true)
+        .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
         .http2_keep_alive_interval(options.keepalive_interval)
         .keep_alive_while_idle(true);
     if let Some(timeout) = options.request_timeout {

@@ -29,6 +29,12 @@ pub type Guarded<S> = InterceptedService<S, AuthInterceptor>;
 /// MiB, small enough that one bad peer cannot make the server allocate gigabytes.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 
+/// HTTP/2 flow-control window per stream, both directions: the protocol's 64 KiB default makes a
+/// multi-GB weight stream stop for a window update every 64 KiB.
+pub const HTTP2_STREAM_WINDOW_BYTES: u32 = 8 << 20;
+/// HTTP/2 flow-control window per connection (several streams share one).
+pub const HTTP2_CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
+
 /// Settings shared by every medrl server.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -116,6 +122,8 @@ impl GrpcServer {
             .build_v1()?;
         let mut builder = Server::builder()
             .tcp_nodelay(true)
+            .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
             .http2_keepalive_interval(options.http2_keepalive_interval)
             .concurrency_limit_per_connection(options.concurrency_limit_per_connection);
         match &options.tls {

@@ -36,9 +36,9 @@ pub struct WeightSyncArgs {
     /// Blob size in MiB (16.6 GB for Qwen2.5-VL-7B in bf16).
     #[arg(long, default_value_t = 1024)]
     pub mib: usize,
-    /// Chunk size in MiB.
-    #[arg(long, default_value_t = 4)]
-    pub chunk_mib: usize,
+    /// Chunk size in KiB (default: the publisher's).
+    #[arg(long, default_value_t = medrl_weight_sync::PublisherOptions::default().chunk_bytes >> 10)]
+    pub chunk_kib: usize,
 }
 
 /// Arguments of `medrl bench learner`.
@@ -296,7 +296,7 @@ fn learner(a: LearnerArgs) -> Result<()> {
 
 fn weight_sync(a: WeightSyncArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let gbps = runtime.block_on(medrl_weight_sync::bench_loopback(a.mib << 20, a.chunk_mib << 20))?;
-    println!("{}", serde_json::json!({"bench": "weight-sync", "transport": "grpc", "bytes": a.mib << 20, "chunk_bytes": a.chunk_mib << 20, "gb_per_s": gbps}));
+    let gbps = runtime.block_on(medrl_weight_sync::bench_loopback(a.mib << 20, a.chunk_kib << 10))?;
+    println!("{}", serde_json::json!({"bench": "weight-sync", "transport": "grpc", "bytes": a.mib << 20, "chunk_bytes": a.chunk_kib << 10, "gb_per_s": gbps}));
     Ok(())
 }
