@@ -66,10 +66,10 @@ pub fn read_groups(path: &Path, vlm: &Vlm, system: Option<&str>) -> Result<Vec<G
         }
         let images = vlm.load_images(&g.images.iter().map(|p| base.join(p)).collect::<Vec<_>>()).map_err(|e| at(e.to_string()))?;
         let prompt = vlm.user_prompt(system, images, &g.prompt).map_err(|e| at(e.to_string()))?;
-        if let Some(lps) = &g.sampling_logprobs {
-            if lps.len() != g.completions.len() {
-                return Err(at(format!("field `sampling_logprobs`: {} lists for {} completions", lps.len(), g.completions.len())));
-            }
+        if let Some(lps) = &g.sampling_logprobs
+            && lps.len() != g.completions.len()
+        {
+            return Err(at(format!("field `sampling_logprobs`: {} lists for {} completions", lps.len(), g.completions.len())));
         }
         let mut completions = Vec::new();
         for (i, raw) in g.completions.iter().enumerate() {

@@ -225,7 +225,7 @@ impl Config {
         };
         check(t.num_attention_heads > 0 && t.num_key_value_heads > 0, "num_key_value_heads", "expected positive head counts".into())?;
         check(
-            t.num_attention_heads % t.num_key_value_heads == 0,
+            t.num_attention_heads.is_multiple_of(t.num_key_value_heads),
             "num_key_value_heads",
             format!("expected a divisor of num_attention_heads = {}, found {}", t.num_attention_heads, t.num_key_value_heads),
         )?;
@@ -235,8 +235,8 @@ impl Config {
             format!("expected three sections summing to head_dim / 2 = {}, found {:?}", t.head_dim / 2, t.mrope_section),
         )?;
         check(t.vocab_size > 0 && t.hidden_size > 0 && t.num_hidden_layers > 0, "hidden_size", "expected positive sizes".into())?;
-        check(v.num_heads > 0 && v.hidden_size % v.num_heads == 0, "vision_config.num_heads", format!("expected a divisor of vision hidden_size {}", v.hidden_size))?;
-        check(v.head_dim() % 4 == 0, "vision_config.hidden_size", "expected a vision head_dim divisible by 4 (2-D rotary)".into())?;
+        check(v.num_heads > 0 && v.hidden_size.is_multiple_of(v.num_heads), "vision_config.num_heads", format!("expected a divisor of vision hidden_size {}", v.hidden_size))?;
+        check(v.head_dim().is_multiple_of(4), "vision_config.hidden_size", "expected a vision head_dim divisible by 4 (2-D rotary)".into())?;
         check(
             v.out_hidden_size == t.hidden_size,
             "vision_config.out_hidden_size",
@@ -244,7 +244,7 @@ impl Config {
         )?;
         check(v.patch_size > 0 && v.spatial_merge_size > 0 && v.temporal_patch_size > 0, "vision_config.patch_size", "expected positive patch sizes".into())?;
         check(
-            v.window_size % (v.patch_size * v.spatial_merge_size) == 0 && v.merged_window_side() > 0,
+            v.window_size.is_multiple_of(v.patch_size * v.spatial_merge_size) && v.merged_window_side() > 0,
             "vision_config.window_size",
             format!("expected a positive multiple of patch_size x spatial_merge_size = {}", v.patch_size * v.spatial_merge_size),
         )?;
@@ -287,17 +287,16 @@ fn read_text(f: &Fields<'_>, top: &Fields<'_>) -> Result<TextConfig> {
             None => return Err(Error::config(f.path, f.name("rope_scaling.mrope_section"), "missing; expected three M-RoPE sections (rope_parameters.mrope_section in 5.x)")),
         },
     };
-    if let Some(scaling) = &rope_scaling {
-        if let Some(kind) = scaling.get("type").or_else(|| scaling.get("rope_type")) {
-            if !matches!(kind.as_str(), Some("mrope" | "default")) {
-                return Err(Error::config(f.path, scaling.name("type"), format!("expected \"mrope\" or \"default\", found {kind}")));
-            }
-        }
+    if let Some(scaling) = &rope_scaling
+        && let Some(kind) = scaling.get("type").or_else(|| scaling.get("rope_type"))
+        && !matches!(kind.as_str(), Some("mrope" | "default"))
+    {
+        return Err(Error::config(f.path, scaling.name("type"), format!("expected \"mrope\" or \"default\", found {kind}")));
     }
-    if let Some(act) = f.get("hidden_act") {
-        if act.as_str() != Some("silu") {
-            return Err(Error::config(f.path, f.name("hidden_act"), format!("expected \"silu\", found {act}")));
-        }
+    if let Some(act) = f.get("hidden_act")
+        && act.as_str() != Some("silu")
+    {
+        return Err(Error::config(f.path, f.name("hidden_act"), format!("expected \"silu\", found {act}")));
     }
     Ok(TextConfig {
         vocab_size: f.usize("vocab_size")?,
@@ -323,10 +322,10 @@ fn read_vision(f: &Fields<'_>, text_hidden: usize) -> Result<VisionConfig> {
         Some(p) => p.f64_opt("rope_theta")?.unwrap_or(10_000.0),
         None => 10_000.0,
     };
-    if let Some(act) = f.get("hidden_act") {
-        if act.as_str() != Some("silu") {
-            return Err(Error::config(f.path, f.name("hidden_act"), format!("expected \"silu\", found {act}")));
-        }
+    if let Some(act) = f.get("hidden_act")
+        && act.as_str() != Some("silu")
+    {
+        return Err(Error::config(f.path, f.name("hidden_act"), format!("expected \"silu\", found {act}")));
     }
     Ok(VisionConfig {
         depth: f.usize("depth")?,

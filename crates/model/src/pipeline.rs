@@ -54,10 +54,10 @@ impl Vlm {
         let prompts = PromptEncoder::load(dir)?;
         let generation = read_generation_config(dir)?;
         let mut stop_ids = generation.eos.unwrap_or_else(|| model.config.eos_token_ids.clone());
-        if let Some(im_end) = prompts.token_id("<|im_end|>") {
-            if !stop_ids.contains(&im_end) {
-                stop_ids.push(im_end);
-            }
+        if let Some(im_end) = prompts.token_id("<|im_end|>")
+            && !stop_ids.contains(&im_end)
+        {
+            stop_ids.push(im_end);
         }
         let pad_id = generation.pad.or_else(|| prompts.token_id("<|endoftext|>")).unwrap_or(0);
         Ok(Vlm { model, images, prompts, pad_id, stop_ids, dir: dir.to_path_buf() })

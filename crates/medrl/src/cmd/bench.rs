@@ -138,7 +138,7 @@ fn synthetic_prompt(model: &Qwen25Vl, image_size: usize, prompt_tokens: usize, r
     let mut ids: Vec<u32> = Vec::new();
     let mut images = Vec::new();
     if image_size > 0 {
-        if image_size % 28 != 0 {
+        if !image_size.is_multiple_of(28) {
             bail!("--image-size {image_size}: expected a multiple of 28");
         }
         let g = image_size / c.vision.patch_size;

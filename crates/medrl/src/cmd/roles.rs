@@ -102,7 +102,7 @@ pub fn worker_settings(config: &RunConfig, name: String, coordinator: String, le
         rollout: config.rollout.clone(),
         template: config.algorithm.template,
         system_prompt: config.algorithm.system_prompt.clone(),
-        rewards: config.algorithm.rewards.clone(),
+        rewards: config.algorithm.rewards,
         health_listen: None,
         metrics_listen: None,
         auth,
