@@ -146,10 +146,14 @@ fn mix(seed: u64, a: u64, b: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-fn log_softmax(x: &[f32]) -> Vec<f32> {
+fn log_sum_exp(x: &[f32]) -> f32 {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let sum: f64 = x.iter().map(|&v| ((v - max) as f64).exp()).sum();
-    let lse = max + sum.ln() as f32;
+    max + sum.ln() as f32
+}
+
+fn log_softmax(x: &[f32]) -> Vec<f32> {
+    let lse = log_sum_exp(x);
     x.iter().map(|&v| v - lse).collect()
 }
 
@@ -172,7 +176,8 @@ fn choose_except(logits: &[f32], sampling: Sampling, rng: &mut StdRng, excluded:
                 }
             }
             let best = best.unwrap_or(0);
-            (best as u32, log_softmax(logits)[best])
+            // One log-prob is needed, not the vocabulary's: no per-token vector.
+            (best as u32, logits[best] - log_sum_exp(logits))
         }
         Sampling::Random { temperature, top_p, top_k } => {
             let t = temperature.max(1e-6) as f32;
