@@ -153,6 +153,12 @@ impl<'a> Fields<'a> {
 }
 
 impl Config {
+    /// Image, video and vision-start placeholders: never text, so never sampled into a completion
+    /// and refused in one (a forward pass over it would read them as image slots).
+    pub fn placeholder_token_ids(&self) -> [u32; 3] {
+        [self.image_token_id, self.video_token_id, self.vision_start_token_id]
+    }
+
     /// Reads `config.json` from a model directory.
     pub fn load(model_dir: &Path) -> Result<Self> {
         let path = model_dir.join("config.json");

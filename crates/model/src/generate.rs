@@ -95,10 +95,7 @@ pub fn generate(model: &Qwen25Vl, requests: &[Request<'_>], params: &GenerationP
     let mut cache = KvCache::concat(&caches)?;
     let mut finished: Vec<Row> = Vec::new();
     let mut logits = first_logits;
-    // Image and video placeholders are never text: a completion holding one would be read as an
-    // image slot by the next forward pass over it (the learner's), so they are never sampled.
-    let c = &model.config;
-    let placeholders = [c.image_token_id, c.video_token_id, c.vision_start_token_id];
+    let placeholders = model.config.placeholder_token_ids();
     for step in 0..params.max_new_tokens {
         let mut keep = Vec::new();
         let mut still: Vec<Row> = Vec::new();
