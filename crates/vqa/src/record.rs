@@ -77,35 +77,53 @@ pub fn label_index(label: &str) -> Option<usize> {
     }
 }
 
+/// Calls `row` with the 1-based number and the text of every non-blank line of `path`; `io`
+/// turns a failure to open or read the file into the caller's error.
+pub fn for_each_line<E>(path: &Path, io: impl Fn(std::io::Error) -> E, mut row: impl FnMut(usize, &str) -> Result<(), E>) -> Result<(), E> {
+    let file = std::fs::File::open(path).map_err(&io)?;
+    for (n, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(&io)?;
+        if !line.trim().is_empty() {
+            row(n + 1, &line)?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `path` through a temporary file (`<path>.jsonl.tmp`) and a rename, so readers never
+/// see half of it; `body` writes the contents.
+pub fn write_via_temp(path: &Path, body: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> std::io::Result<()> {
+    let tmp = path.with_extension("jsonl.tmp");
+    let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+    body(&mut w)?;
+    w.flush()?;
+    drop(w);
+    std::fs::rename(&tmp, path)
+}
+
 /// Reads a JSONL file of records; a bad line is an error naming the file and the line.
 pub fn read_records(path: &Path) -> Result<Vec<VqaRecord>, RecordError> {
-    let file = std::fs::File::open(path).map_err(|cause| RecordError::Io { path: path.to_path_buf(), cause })?;
     let mut out = Vec::new();
-    for (n, line) in BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|cause| RecordError::Io { path: path.to_path_buf(), cause })?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let bad = |problem: String| RecordError::Line { path: path.to_path_buf(), line: n + 1, problem };
-        let record: VqaRecord = serde_json::from_str(&line).map_err(|e| bad(e.to_string()))?;
+    for_each_line(path, |cause| RecordError::Io { path: path.to_path_buf(), cause }, |line_no, line| {
+        let bad = |problem: String| RecordError::Line { path: path.to_path_buf(), line: line_no, problem };
+        let record: VqaRecord = serde_json::from_str(line).map_err(|e| bad(e.to_string()))?;
         record.validate().map_err(bad)?;
         out.push(record);
-    }
+        Ok(())
+    })?;
     Ok(out)
 }
 
 /// Writes records as JSONL through a temporary file and a rename.
 pub fn write_records(path: &Path, records: &[VqaRecord]) -> Result<(), RecordError> {
-    let io = |cause| RecordError::Io { path: path.to_path_buf(), cause };
-    let tmp = path.with_extension("jsonl.tmp");
-    let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
-    for r in records {
-        let line = serde_json::to_string(r).map_err(|e| io(std::io::Error::other(e)))?;
-        writeln!(w, "{line}").map_err(io)?;
-    }
-    w.flush().map_err(io)?;
-    drop(w);
-    std::fs::rename(&tmp, path).map_err(io)
+    write_via_temp(path, |w| {
+        for r in records {
+            let line = serde_json::to_string(r).map_err(std::io::Error::other)?;
+            writeln!(w, "{line}")?;
+        }
+        Ok(())
+    })
+    .map_err(|cause| RecordError::Io { path: path.to_path_buf(), cause })
 }
 
 #[cfg(test)]

@@ -9,13 +9,12 @@
 //! and the row is counted in the report. Fields beyond the listed ones are ignored.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::record::{VqaRecord, label_index};
+use crate::record::{VqaRecord, for_each_line, label_index};
 
 use super::DataError;
 
@@ -96,18 +95,12 @@ fn index_text(v: &Value) -> Result<String, String> {
 
 /// Reads an eval-kit export; image paths are kept as written (relative to the file's folder).
 pub fn load_eval_jsonl(path: &Path) -> Result<(Vec<VqaRecord>, EvalJsonlReport), DataError> {
-    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
     let mut report = EvalJsonlReport { file: path.to_path_buf(), ..Default::default() };
     let mut records = Vec::new();
     let mut seen: HashMap<String, usize> = HashMap::new();
-    for (n, line) in BufReader::new(file).lines().enumerate() {
-        let line_no = n + 1;
-        let line = line.map_err(|e| DataError::io(path, e))?;
-        if line.trim().is_empty() {
-            continue;
-        }
+    for_each_line(path, |e| DataError::io(path, e), |line_no, line| {
         let bad = |field: &str, problem: String| DataError::field(path, line_no, field, problem);
-        let row: ExportRow = serde_json::from_str(&line).map_err(|e| bad("(line)", e.to_string()))?;
+        let row: ExportRow = serde_json::from_str(line).map_err(|e| bad("(line)", e.to_string()))?;
         let index = index_text(&row.dataset_index).map_err(|p| bad("dataset_index", p))?;
         let mut options = parse_options(&row.options).map_err(|p| bad("options", p))?;
         if options.is_empty() {
@@ -151,7 +144,8 @@ pub fn load_eval_jsonl(path: &Path) -> Result<(Vec<VqaRecord>, EvalJsonlReport),
             answer_label: label,
             answer,
         });
-    }
+        Ok(())
+    })?;
     report.rows = records.len();
     Ok((records, report))
 }

@@ -9,12 +9,11 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::record::VqaRecord;
+use crate::record::{VqaRecord, for_each_line};
 
 use super::DataError;
 
@@ -68,15 +67,9 @@ pub struct PassRates {
 
 /// Reads a samples file; a malformed line or a repeated id is an error naming the line.
 pub fn read_pass_rates(path: &Path) -> Result<PassRates, DataError> {
-    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
     let mut rates = PassRates { file: path.to_path_buf(), ..Default::default() };
-    for (n, line) in BufReader::new(file).lines().enumerate() {
-        let line_no = n + 1;
-        let line = line.map_err(|e| DataError::io(path, e))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let row: SamplesLine = serde_json::from_str(&line).map_err(|e| DataError::field(path, line_no, "(line)", e.to_string()))?;
+    for_each_line(path, |e| DataError::io(path, e), |line_no, line| {
+        let row: SamplesLine = serde_json::from_str(line).map_err(|e| DataError::field(path, line_no, "(line)", e.to_string()))?;
         let mut correct = 0;
         for (i, s) in row.samples.iter().enumerate() {
             let ok = match s.correct {
@@ -90,7 +83,8 @@ pub fn read_pass_rates(path: &Path) -> Result<PassRates, DataError> {
         if let Some((_, _, first)) = rates.items.insert(row.id.clone(), (tally, row.answer_label, line_no)) {
             return Err(DataError::field(path, line_no, "id", format!("{} already on line {first}", row.id)));
         }
-    }
+        Ok(())
+    })?;
     Ok(rates)
 }
 

@@ -11,14 +11,13 @@
 //! `r1v` prompt template renders separate options (`\n\nOptions:\nA. ...`), so a written record
 //! reads back to the same record, and keeps `id`, `dataset` and `modality` as extra keys.
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
 
 use regex::Regex;
 use serde_json::{Value, json};
 
-use crate::record::{VqaRecord, label_index};
+use crate::record::{VqaRecord, for_each_line, label_index, write_via_temp};
 use crate::template::option_letter;
 
 use super::DataError;
@@ -132,15 +131,13 @@ pub fn to_llava(record: &VqaRecord, gold: GoldForm) -> Value {
 
 /// Writes records as LLaVA JSONL (through a temporary file and a rename).
 pub fn write_llava(path: &Path, records: &[VqaRecord], gold: GoldForm) -> Result<(), DataError> {
-    let io = |e| DataError::io(path, e);
-    let tmp = path.with_extension("jsonl.tmp");
-    let mut w = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
-    for r in records {
-        writeln!(w, "{}", to_llava(r, gold)).map_err(io)?;
-    }
-    w.flush().map_err(io)?;
-    drop(w);
-    std::fs::rename(&tmp, path).map_err(io)
+    write_via_temp(path, |w| {
+        for r in records {
+            writeln!(w, "{}", to_llava(r, gold))?;
+        }
+        Ok(())
+    })
+    .map_err(|e| DataError::io(path, e))
 }
 
 /// A string field of a LLaVA row, or an error naming it.
@@ -155,17 +152,11 @@ fn string_field<'a>(row: &'a Value, key: &str) -> Result<Option<&'a str>, String
 /// Reads LLaVA JSONL into records. `dataset` names rows without a `dataset` key; rows without an
 /// `id` get `<dataset>/<line>`.
 pub fn load_llava(path: &Path, dataset: &str) -> Result<(Vec<VqaRecord>, LlavaReport), DataError> {
-    let file = std::fs::File::open(path).map_err(|e| DataError::io(path, e))?;
     let mut report = LlavaReport { file: path.to_path_buf(), ..Default::default() };
     let mut records = Vec::new();
-    for (n, line) in BufReader::new(file).lines().enumerate() {
-        let line_no = n + 1;
-        let line = line.map_err(|e| DataError::io(path, e))?;
-        if line.trim().is_empty() {
-            continue;
-        }
+    for_each_line(path, |e| DataError::io(path, e), |line_no, line| {
         let bad = |field: &str, problem: String| DataError::field(path, line_no, field, problem);
-        let row: Value = serde_json::from_str(&line).map_err(|e| bad("(line)", e.to_string()))?;
+        let row: Value = serde_json::from_str(line).map_err(|e| bad("(line)", e.to_string()))?;
         let images = match row.get("image") {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::String(s)) => vec![s.clone()],
@@ -207,7 +198,8 @@ pub fn load_llava(path: &Path, dataset: &str) -> Result<(Vec<VqaRecord>, LlavaRe
         let record = VqaRecord { id, modality: text("modality")?.unwrap_or("").to_owned(), dataset, images, question, options, answer_label, answer };
         record.validate().map_err(|p| bad("(record)", p))?;
         records.push(record);
-    }
+        Ok(())
+    })?;
     report.rows = records.len();
     Ok((records, report))
 }
