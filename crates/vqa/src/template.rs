@@ -72,7 +72,7 @@ pub fn option_letter(index: usize) -> Option<char> {
 }
 
 /// `"{letter}. {option}"` lines, one per option, joined by `separator`.
-fn option_lines<S: AsRef<str>>(options: &[S], separator: &str) -> String {
+pub(crate) fn option_lines<S: AsRef<str>>(options: &[S], separator: &str) -> String {
     let mut out = String::new();
     for (i, option) in options.iter().enumerate() {
         if i > 0 {

@@ -18,7 +18,7 @@ use regex::Regex;
 use serde_json::{Value, json};
 
 use crate::record::{VqaRecord, for_each_line, label_index, write_via_temp};
-use crate::template::option_letter;
+use crate::template::{option_letter, option_lines};
 
 use super::DataError;
 
@@ -96,13 +96,8 @@ pub fn question_turn(record: &VqaRecord) -> String {
     let mut text = "<image>".repeat(record.images.len());
     text.push_str(&record.question);
     if !record.options.is_empty() {
-        text.push_str("\n\nOptions:");
-        for (i, o) in record.options.iter().enumerate() {
-            text.push('\n');
-            text.push(option_letter(i).unwrap_or('?'));
-            text.push_str(". ");
-            text.push_str(o);
-        }
+        text.push_str("\n\nOptions:\n");
+        text.push_str(&option_lines(&record.options, "\n"));
     }
     text
 }
