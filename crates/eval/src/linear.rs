@@ -5,6 +5,8 @@
 //! The head is small enough that its gradients are written out by hand: the batch norm has no
 //! parameters and the frozen features need no gradient, so only the linear layer learns.
 
+use std::borrow::Cow;
+
 use rand::Rng;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -219,10 +221,10 @@ impl LinearHead {
 }
 
 /// Trains a head. `train_features(epoch)` gives the training features of that epoch (fresh
-/// augmented views, or the same cached ones), in the order of `train_labels`; the evaluation set
-/// is scored after every epoch, as `linprobe.py` does.
-pub fn train_linear_probe(
-    mut train_features: impl FnMut(usize) -> Result<Vec<Vec<f32>>>,
+/// augmented views, or the same fixed ones borrowed), in the order of `train_labels`; the
+/// evaluation set is scored after every epoch, as `linprobe.py` does.
+pub fn train_linear_probe<'f>(
+    mut train_features: impl FnMut(usize) -> Result<Cow<'f, [Vec<f32>]>>,
     train_labels: &[usize],
     eval_features: &[Vec<f32>],
     eval_labels: &[usize],

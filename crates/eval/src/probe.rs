@@ -8,6 +8,7 @@
 //! epoch, re-extracted through the tower, as `linprobe.py` does (its transform sits in the
 //! data loader, in front of the frozen tower).
 
+use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
@@ -191,7 +192,7 @@ pub fn probe_on_features(
             Ok((s.top1, s.top5, Vec::new(), Some(s)))
         }
         ProbeMethod::Linear => {
-            let (_, logs) = train_linear_probe(|_| Ok(train.to_vec()), train_labels, eval, eval_labels, classes, &config.linear)?;
+            let (_, logs) = train_linear_probe(|_| Ok(Cow::Borrowed(train)), train_labels, eval, eval_labels, classes, &config.linear)?;
             let last = logs.last().map(|l| l.eval).unwrap_or_default();
             Ok((last.top1, last.top5, logs, None))
         }
@@ -221,7 +222,7 @@ pub fn run_probe(model: &Qwen25Vl, processor: ImageProcessor, model_dir: &Path, 
     let eval_x = deterministic(&data.test, "eval features")?;
     let classes = data.classes.len();
     let (top1, top5, epochs, knn) = if config.method == ProbeMethod::Linear && config.augment {
-        let augmented = |epoch: usize| -> Result<Vec<Vec<f32>>> {
+        let augmented = |epoch: usize| -> Result<Cow<'static, [Vec<f32>]>> {
             let mut rng = StdRng::seed_from_u64(epoch_seed(config.seed, epoch));
             let bar = progress_bar(data.train.len() as u64, "augmented train features");
             let mut out = Vec::with_capacity(data.train.len());
@@ -231,7 +232,7 @@ pub fn run_probe(model: &Qwen25Vl, processor: ImageProcessor, model_dir: &Path, 
                 bar.inc(chunk.len() as u64);
             }
             bar.finish_and_clear();
-            Ok(out)
+            Ok(Cow::Owned(out))
         };
         let (_, logs) = train_linear_probe(augmented, &train_y, &eval_x, &eval_y, classes, &config.linear)?;
         let last = logs.last().map(|l| l.eval).unwrap_or_default();
