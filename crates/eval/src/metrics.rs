@@ -70,6 +70,15 @@ pub fn group_name(value: &str) -> &str {
     if value.trim().is_empty() { UNSPECIFIED } else { value }
 }
 
+/// Items grouped under the [`group_name`] of `key`, groups in name order.
+pub fn group_by<'a>(items: &'a [ItemSamples], key: fn(&ItemSamples) -> &str) -> BTreeMap<&'a str, Vec<&'a ItemSamples>> {
+    let mut groups: BTreeMap<&str, Vec<&ItemSamples>> = BTreeMap::new();
+    for item in items {
+        groups.entry(group_name(key(item))).or_default().push(item);
+    }
+    groups
+}
+
 /// Metrics of one group of items (at least one).
 pub fn group_metrics(items: &[&ItemSamples]) -> Result<GroupMetrics> {
     if items.is_empty() {
@@ -113,11 +122,7 @@ pub fn compute_metrics(items: &[ItemSamples]) -> Result<Metrics> {
     }
     let all: Vec<&ItemSamples> = items.iter().collect();
     let by = |key: fn(&ItemSamples) -> &str| -> Result<BTreeMap<String, GroupMetrics>> {
-        let mut groups: BTreeMap<String, Vec<&ItemSamples>> = BTreeMap::new();
-        for item in items {
-            groups.entry(group_name(key(item)).to_owned()).or_default().push(item);
-        }
-        groups.into_iter().map(|(name, members)| Ok((name, group_metrics(&members)?))).collect()
+        group_by(items, key).into_iter().map(|(name, members)| Ok((name.to_owned(), group_metrics(&members)?))).collect()
     };
     Ok(Metrics { overall: group_metrics(&all)?, by_dataset: by(|i| &i.dataset)?, by_modality: by(|i| &i.modality)? })
 }

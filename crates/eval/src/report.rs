@@ -2,7 +2,6 @@
 //! boundary-aware recommendation of paper-recipe.md §9 (bridge low support with SFT first; let
 //! RL sharpen where support exists but greedy decoding lags).
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::Path;
 
@@ -10,7 +9,7 @@ use medrl_vqa::pass_at_k;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
-use crate::metrics::{GroupMetrics, Metrics, escape_cell, group_name, percent, write_file};
+use crate::metrics::{GroupMetrics, Metrics, escape_cell, group_by, percent, write_file};
 use crate::samples::ItemSamples;
 
 /// Where the boundary-aware rule draws its lines.
@@ -148,10 +147,7 @@ pub fn support_rows(metrics: &Metrics, items: &[ItemSamples], t: &SupportThresho
         ("dataset", &metrics.by_dataset, (|i: &ItemSamples| i.dataset.as_str()) as fn(&ItemSamples) -> &str),
         ("modality", &metrics.by_modality, |i: &ItemSamples| i.modality.as_str()),
     ] {
-        let mut members: BTreeMap<&str, Vec<&ItemSamples>> = BTreeMap::new();
-        for item in items {
-            members.entry(group_name(key(item))).or_default().push(item);
-        }
+        let members = group_by(items, key);
         for (name, m) in groups {
             rows.push(row(scope, name, m, members.get(name.as_str()).map_or(&[][..], Vec::as_slice), t)?);
         }
