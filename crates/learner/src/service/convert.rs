@@ -8,10 +8,11 @@ use medrl_model::pipeline::{EncodedPrompt, Vlm};
 use crate::batch::{Completion, Group};
 use crate::service::buffer::Accepted;
 
-/// Builds the trainer's group. `keep_logprobs` passes the sampling log-probs on (needed for the
-/// importance ratio when groups may be stale; strictly on-policy, the released loss uses ratio 1).
-pub fn to_batch_group(accepted: &Accepted, images: Vec<ProcessedImage>, vlm: &Vlm, keep_logprobs: bool) -> Result<Group, String> {
-    let g = &accepted.group;
+/// Builds the trainer's group, moving the wire vectors rather than copying them. `keep_logprobs`
+/// passes the sampling log-probs on (needed for the importance ratio when groups may be stale;
+/// strictly on-policy, the released loss uses ratio 1).
+pub fn to_batch_group(accepted: Accepted, images: Vec<ProcessedImage>, vlm: &Vlm, keep_logprobs: bool) -> Result<Group, String> {
+    let Accepted { group: g, record } = accepted;
     // The prompt must hold exactly one <|image_pad|> per merged patch of its images, or the
     // vision features cannot be placed.
     let config = &vlm.model.config;
@@ -25,19 +26,18 @@ pub fn to_batch_group(accepted: &Accepted, images: Vec<ProcessedImage>, vlm: &Vl
         ));
     }
     let mut completions = Vec::with_capacity(g.completions.len());
-    for (i, c) in g.completions.iter().enumerate() {
+    for (i, c) in g.completions.into_iter().enumerate() {
         let text = vlm.prompts.decode(&c.token_ids, true).map_err(|e| format!("field `completions[{i}].token_ids`: cannot decode: {e}"))?;
         if text != c.text {
             tracing::debug!(group = %g.group_id, completion = i, "the worker's text differs from the learner's decoding; using the learner's");
         }
-        completions.push(Completion { ids: c.token_ids.clone(), text, sampling_logprobs: keep_logprobs.then(|| c.logprobs.clone()) });
+        completions.push(Completion { ids: c.token_ids, text, sampling_logprobs: keep_logprobs.then_some(c.logprobs) });
     }
-    let record = &accepted.record;
     Ok(Group {
-        prompt: EncodedPrompt { ids: g.prompt_token_ids.clone(), images },
-        answer: record.answer.clone(),
-        answer_label: record.answer_label.clone(),
-        options: record.options.clone(),
+        prompt: EncodedPrompt { ids: g.prompt_token_ids, images },
+        answer: record.answer,
+        answer_label: record.answer_label,
+        options: record.options,
         completions,
         version: g.policy_version,
     })
@@ -82,16 +82,16 @@ mod tests {
         };
         let accepted = Accepted { group, record: record() };
 
-        let on_policy = to_batch_group(&accepted, images.clone(), &vlm, false).expect("converts");
+        let on_policy = to_batch_group(accepted.clone(), images.clone(), &vlm, false).expect("converts");
         assert_eq!(on_policy.completions[0].sampling_logprobs, None, "strictly on-policy: ratio 1, no old log-probs");
         assert_eq!(on_policy.completions[0].text, vlm.prompts.decode(&ids, true).expect("decode"));
         assert_eq!((on_policy.answer.as_str(), on_policy.answer_label.as_deref(), on_policy.version), ("square", Some("B"), 4));
         assert_eq!(on_policy.prompt.ids, prompt.ids);
 
-        let off_policy = to_batch_group(&accepted, images, &vlm, true).expect("converts");
+        let off_policy = to_batch_group(accepted.clone(), images, &vlm, true).expect("converts");
         assert_eq!(off_policy.completions[0].sampling_logprobs.as_deref(), Some(vec![-0.5; ids.len()].as_slice()));
 
-        let err = to_batch_group(&accepted, Vec::new(), &vlm, false).expect_err("image tokens without images");
+        let err = to_batch_group(accepted, Vec::new(), &vlm, false).expect_err("image tokens without images");
         assert!(err.contains("image tokens"), "{err}");
     }
 }

@@ -277,7 +277,7 @@ impl StepLoop {
     }
 
     /// Decodes and preprocesses one group's images, then builds the trainer's group.
-    fn prepare(&self, accepted: &Accepted) -> Result<Group, String> {
+    fn prepare(&self, accepted: Accepted) -> Result<Group, String> {
         let vlm = &self.p.trainer.vlm;
         let mut images = Vec::with_capacity(accepted.group.images.len());
         for image in &accepted.group.images {
@@ -303,23 +303,25 @@ impl StepLoop {
         let span = tracing::info_span!("step", version, groups = taken.len());
         let _enter = span.enter();
         let mut refused: Vec<ConsumedGroup> = Vec::new();
-        let mut used: Vec<Accepted> = Vec::new();
+        // The keys of the groups in `batch`, in the same order.
+        let mut trained: Vec<ConsumedGroup> = Vec::new();
         let mut batch: Vec<Group> = Vec::new();
         for accepted in taken {
+            let key = accepted.key();
             // Staleness is checked again: a group accepted before the last step may be too old now.
             if self.p.shared.is_stale(accepted.group.policy_version, version) {
-                tracing::info!(group = %accepted.group.group_id, sampled = accepted.group.policy_version, "group went stale in the buffer");
-                refused.push(accepted.key());
+                tracing::info!(group = %key.group_id, sampled = accepted.group.policy_version, "group went stale in the buffer");
+                refused.push(key);
                 continue;
             }
-            match self.prepare(&accepted) {
+            match self.prepare(accepted) {
                 Ok(group) => {
                     batch.push(group);
-                    used.push(accepted);
+                    trained.push(key);
                 }
                 Err(problem) => {
-                    tracing::warn!(group = %accepted.group.group_id, %problem, "group unusable at step time");
-                    refused.push(accepted.key());
+                    tracing::warn!(group = %key.group_id, %problem, "group unusable at step time");
+                    refused.push(key);
                 }
             }
         }
@@ -330,7 +332,7 @@ impl StepLoop {
         let report = match self.p.trainer.step(&batch) {
             Ok(report) => report,
             Err(e) => {
-                refused.extend(used.iter().map(Accepted::key));
+                refused.extend(trained);
                 self.refuse_all(version, &refused)?;
                 return Ok(Some(e));
             }
@@ -338,7 +340,6 @@ impl StepLoop {
         let step_seconds = started.elapsed().as_secs_f64();
         let new_version = self.p.trainer.step;
         crate::testhook::pause_if_asked("step", new_version);
-        let trained: Vec<ConsumedGroup> = used.iter().map(Accepted::key).collect();
 
         // 1. The durable record: from here on the step has happened.
         self.p.log.append(new_version, &trained)?;
@@ -371,7 +372,7 @@ impl StepLoop {
         self.p.runtime.block_on(self.p.rpc.report_consumed(new_version, report_trained, by_epoch(&refused)))?;
 
         // 4. Metrics.
-        let staleness: Vec<u64> = used.iter().map(|a| version.saturating_sub(a.group.policy_version)).collect();
+        let staleness: Vec<u64> = batch.iter().map(|g| version.saturating_sub(g.version)).collect();
         for &s in &staleness {
             self.p.shared.metrics.staleness.observe(s as f64);
         }
@@ -386,7 +387,7 @@ impl StepLoop {
             tokens: report.tokens,
             groups: trained.len(),
             refused: refused.len(),
-            // `used` is non-empty here (an empty batch returned above).
+            // `batch` is non-empty here (an empty one returned above).
             mean_staleness: staleness.iter().sum::<u64>() as f64 / staleness.len() as f64,
             max_staleness: staleness.iter().copied().max().unwrap_or(0),
             lr: report.lr,
