@@ -170,7 +170,6 @@ impl Trainer {
             report.bonus = groups.iter().map(|g| vec![0.0; g.completions.len()]).collect();
         }
         let adv = compute_advantages(&report.rewards, &self.algorithm.advantage).map_err(|e| Error::Input(e.to_string()))?;
-        report.advantages = adv.advantages.clone();
         report.groups_kept = adv.kept.len();
         report.mean_accuracy = acc_sum / n.max(1) as f64;
         report.mean_format = fmt_sum / n.max(1) as f64;
@@ -183,17 +182,14 @@ impl Trainer {
                 items.push(self.item(g, c, adv.advantages[gi][ci])?);
             }
         }
-        let (loss, tokens, grad_norm) = if items.is_empty() {
+        let taken = if items.is_empty() {
             // Every group was dropped (all rewards equal): nothing to learn, but the step counts.
             (0.0, 0, 0.0)
         } else {
             self.policy_gradient_step(&items, true)?
         };
-        report.loss = loss;
-        report.tokens = tokens;
-        report.grad_norm = grad_norm;
-        self.finish_step(&mut report)?;
-        Ok(report)
+        report.advantages = adv.advantages;
+        self.finish_step(report, taken)
     }
 
     /// One SFT step: cross-entropy (mean over all response tokens) on each completion as the gold
@@ -208,13 +204,8 @@ impl Trainer {
         if items.is_empty() {
             return Err(Error::EmptyBatch("no responses for the SFT step".into()));
         }
-        let mut report = StepReport::default();
-        let (loss, tokens, grad_norm) = self.policy_gradient_step(&items, false)?;
-        report.loss = loss;
-        report.tokens = tokens;
-        report.grad_norm = grad_norm;
-        self.finish_step(&mut report)?;
-        Ok(report)
+        let taken = self.policy_gradient_step(&items, false)?;
+        self.finish_step(StepReport::default(), taken)
     }
 
     /// The step the algorithm calls for.
@@ -349,14 +340,19 @@ impl Trainer {
         Ok((loss_total, tokens, grad_norm))
     }
 
-    fn finish_step(&mut self, report: &mut StepReport) -> Result<()> {
+    /// Fills in what `policy_gradient_step` returned (loss, tokens, pre-clip gradient norm) and
+    /// the schedule, counts the step and updates the reference when due.
+    fn finish_step(&mut self, mut report: StepReport, (loss, tokens, grad_norm): (f64, usize, f64)) -> Result<StepReport> {
+        report.loss = loss;
+        report.tokens = tokens;
+        report.grad_norm = grad_norm;
         report.lr = self.schedule.lr(self.step);
         self.step += 1;
         report.step = self.step;
         if self.algorithm.ema.is_due(self.step) {
             self.update_reference()?;
         }
-        Ok(())
+        Ok(report)
     }
 
     /// `ref <- decay · ref + (1 - decay) · policy`, then rebuilds the reference model.
