@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use medrl_proto::server::{GrpcServer, ServerOptions, bind};
+use medrl_proto::metrics::{Scrape, serve_metrics};
+use medrl_proto::server::{GrpcServer, ServerOptions, bind, join_tasks, listen, stop_signal};
 use medrl_proto::v1::RunState;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -17,7 +18,7 @@ use crate::core::Core;
 use crate::error::CoordinatorError;
 use crate::images::ImageStore;
 use crate::journal::{Journal, next_seq, replay};
-use crate::metrics::{Metrics, Scrape, bind_metrics, serve_metrics};
+use crate::metrics::Metrics;
 use crate::prompts::PromptSet;
 use crate::service::{CoordinatorService, Shared};
 use crate::sweeper;
@@ -30,10 +31,6 @@ pub struct CoordinatorHandle {
     shutdown: watch::Sender<bool>,
     done: watch::Receiver<bool>,
     tasks: Vec<(&'static str, JoinHandle<Result<(), CoordinatorError>>)>,
-}
-
-async fn stop_signal(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
 }
 
 /// Starts a coordinator for `prompts` (resuming its journal if there is one) and returns once
@@ -69,7 +66,7 @@ pub async fn serve_with(config: CoordinatorConfig, prompts: PromptSet, options: 
 
     let (grpc_listener, grpc_addr) = bind(config.listen).await?;
     let metrics_listener = match config.metrics_listen {
-        Some(addr) => Some(bind_metrics(addr).await?),
+        Some(addr) => Some(listen(addr).await.map_err(|cause| CoordinatorError::Metrics { addr, cause })?),
         None => None,
     };
 
@@ -196,21 +193,9 @@ impl CoordinatorHandle {
     /// already on disk; closing only stops the writer).
     pub async fn shutdown(self) -> Result<(), CoordinatorError> {
         let _ = self.shutdown.send(true);
-        let mut first_error = None;
-        for (name, task) in self.tasks {
-            match task.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::error!(task = name, error = %e, "coordinator task failed");
-                    first_error.get_or_insert(e);
-                }
-                Err(e) => {
-                    first_error.get_or_insert(CoordinatorError::Task(format!("{name}: {e}")));
-                }
-            }
-        }
+        let joined = join_tasks("coordinator", self.tasks, |name, e| CoordinatorError::Task(format!("{name}: {e}"))).await;
         self.shared.journal.close();
         tracing::info!("coordinator stopped");
-        first_error.map_or(Ok(()), Err)
+        joined
     }
 }

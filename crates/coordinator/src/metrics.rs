@@ -1,15 +1,9 @@
-//! Prometheus metrics of the coordinator and the `/metrics` endpoint. Counters and histograms are
+//! Prometheus metrics of the coordinator (its `/metrics` endpoint is `medrl_proto::metrics`). Counters and histograms are
 //! updated as calls happen; gauges that describe the state (prompts by state, versions, support
 //! map) are refreshed from the state at scrape time, so they can never drift from it.
 
-use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use axum::Router;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -203,38 +197,4 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
     }
-}
-
-/// Refreshes gauges and renders the metrics; shared by the HTTP handler and tests.
-pub type Scrape = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
-
-/// Serves `GET /metrics` on `listener` until `shutdown` completes.
-pub async fn serve_metrics(
-    listener: tokio::net::TcpListener,
-    scrape: Scrape,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    let app = Router::new().route(
-        "/metrics",
-        get(move || {
-            let scrape = scrape.clone();
-            async move {
-                match scrape() {
-                    Ok(text) => {
-                        ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
-                    }
-                    Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
-                }
-            }
-        }),
-    );
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await
-}
-
-/// Binds the metrics listener.
-pub async fn bind_metrics(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), crate::CoordinatorError> {
-    let err = |cause| crate::CoordinatorError::Metrics { addr, cause };
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
-    let local = listener.local_addr().map_err(err)?;
-    Ok((listener, local))
 }

@@ -1,7 +1,7 @@
 //! The gRPC contract between medrl processes (`proto/medrl.proto`, package `medrl.v1`): the
 //! generated messages and stubs, the encoded descriptor set for reflection, and small helpers
-//! every role shares (server setup with health, reflection and limits; client channels with
-//! deadlines; TLS and the shared token; group ids; field-naming error statuses).
+//! every role shares (server setup with health, reflection and limits; the `/metrics` endpoint;
+//! client channels with deadlines; TLS and the shared token; group ids; field-naming error statuses).
 
 #![warn(missing_docs)]
 
@@ -9,6 +9,7 @@ pub mod auth;
 pub mod client;
 pub mod error;
 pub mod ids;
+pub mod metrics;
 pub mod security;
 pub mod server;
 pub mod status;

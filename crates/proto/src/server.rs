@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::{JoinError, JoinHandle};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Server;
 use tonic::transport::server::{Router, TcpIncoming};
@@ -199,8 +201,43 @@ impl GrpcServer {
 
 /// Binds a TCP listener (port 0 picks a free port) and returns it with its actual address.
 pub async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ProtoError> {
-    let bind_err = |cause| ProtoError::Bind { addr, cause };
-    let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
-    let local = listener.local_addr().map_err(bind_err)?;
+    listen(addr).await.map_err(|cause| ProtoError::Bind { addr, cause })
+}
+
+/// [`bind`] with the bare I/O error, for endpoints whose errors name them in their own way (the
+/// metrics endpoint of each role).
+pub async fn listen(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
     Ok((listener, local))
+}
+
+/// Resolves once `rx` reads `true` (or its sender is gone): the stop future a role hands to each
+/// of its servers.
+pub async fn stop_signal(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// Awaits a role's named tasks in order (after their stop signal was sent) and returns the first
+/// failure: a task's own error, logged as `"{role} task failed"`, or `joined(name, error)` for a
+/// task that panicked or was cancelled. Every task is awaited even after a failure.
+pub async fn join_tasks<E: std::fmt::Display>(
+    role: &'static str,
+    tasks: Vec<(&'static str, JoinHandle<Result<(), E>>)>,
+    joined: impl Fn(&'static str, JoinError) -> E,
+) -> Result<(), E> {
+    let mut first_error = None;
+    for (name, task) in tasks {
+        match task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(task = name, error = %e, "{role} task failed");
+                first_error.get_or_insert(e);
+            }
+            Err(e) => {
+                first_error.get_or_insert(joined(name, e));
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
 }

@@ -1,12 +1,8 @@
 //! Prometheus metrics of a rollout worker and their `/metrics` endpoint.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use axum::Router;
-use axum::http::{StatusCode, header};
-use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -120,11 +116,7 @@ impl WorkerMetrics {
 }
 
 /// Binds the metrics listener (port 0 picks a free port).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<(tokio::net::TcpListener, SocketAddr)> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    Ok((listener, local))
-}
+pub use medrl_proto::server::listen as bind;
 
 /// Serves `GET /metrics` until `stop` resolves.
 pub async fn serve(
@@ -132,16 +124,7 @@ pub async fn serve(
     metrics: Arc<WorkerMetrics>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let handler = move || {
-        let metrics = metrics.clone();
-        async move {
-            match metrics.encode() {
-                Ok(body) => (StatusCode::OK, [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body),
-                Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], e.to_string()),
-            }
-        }
-    };
-    axum::serve(listener, Router::new().route("/metrics", get(handler))).with_graceful_shutdown(stop).await
+    medrl_proto::metrics::serve_metrics(listener, Arc::new(move || metrics.encode().map_err(|e| e.to_string())), stop).await
 }
 
 #[cfg(test)]

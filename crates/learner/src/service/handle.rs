@@ -7,7 +7,8 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::thread::JoinHandle as ThreadHandle;
 
-use medrl_proto::server::{GrpcServer, bind};
+use medrl_proto::metrics::{Scrape, serve_metrics};
+use medrl_proto::server::{GrpcServer, bind, join_tasks, listen, stop_signal};
 use medrl_weight_sync::{PublisherOptions, WeightPublisher};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -19,7 +20,6 @@ use crate::service::coordinator::CoordinatorRpc;
 use crate::service::error::{ServiceError, ServiceResult};
 use crate::service::health::{set_health, watch_health};
 use crate::service::images::ImageStore;
-use crate::service::metrics::{Scrape, serve_metrics};
 use crate::service::settings::LearnerSettings;
 use crate::service::startup::{publish_current, sync_with_coordinator};
 use crate::service::state::{LearnerStatus, Phase, Shared};
@@ -45,10 +45,6 @@ pub struct LearnerHandle {
     tasks: Vec<(&'static str, JoinHandle<TaskResult>)>,
 }
 
-async fn stop_signal(mut rx: watch::Receiver<bool>) {
-    let _ = rx.wait_for(|stop| *stop).await;
-}
-
 /// Starts the learner role with `trainer` (fresh or resumed, see
 /// [`crate::service::resume_or_new`]); returns once it has synced with the coordinator,
 /// published its current weights and is listening. Must be called inside a multi-threaded tokio
@@ -69,12 +65,7 @@ async fn start(settings: LearnerSettings, trainer: Trainer) -> ServiceResult<Lea
     // Bind first: a taken port fails before anything is announced to the coordinator.
     let (grpc_listener, grpc_addr) = bind(settings.listen).await?;
     let metrics_listener = match settings.metrics_listen {
-        Some(addr) => {
-            let err = |source| ServiceError::Metrics { addr, source };
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(err)?;
-            let local = listener.local_addr().map_err(err)?;
-            Some((listener, local))
-        }
+        Some(addr) => Some(listen(addr).await.map_err(|source| ServiceError::Metrics { addr, source })?),
         None => None,
     };
 
@@ -228,28 +219,14 @@ impl LearnerHandle {
         let thread = self.step_thread;
         let joined = tokio::task::spawn_blocking(move || thread.join()).await;
         let _ = self.stop_servers.send(true);
-        let mut first_error = None;
-        for (name, task) in self.tasks {
-            match task.await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::error!(task = name, error = %e, "learner task failed");
-                    first_error.get_or_insert(e);
-                }
-                Err(e) => {
-                    first_error.get_or_insert(ServiceError::Stopped(format!("{name} task: {e}")));
-                }
-            }
-        }
+        let tasks = join_tasks("learner", self.tasks, |name, e| ServiceError::Stopped(format!("{name} task: {e}"))).await;
         let (trainer, result) = match joined {
             Ok(Ok(pair)) => pair,
             Ok(Err(_)) => return Err(ServiceError::Stopped("the step loop panicked".into())),
             Err(e) => return Err(ServiceError::Stopped(format!("joining the step loop: {e}"))),
         };
         result?;
-        if let Some(e) = first_error {
-            return Err(e);
-        }
+        tasks?;
         tracing::info!("learner stopped");
         trainer.ok_or_else(|| ServiceError::Stopped("the step loop lost the trainer".into()))
     }

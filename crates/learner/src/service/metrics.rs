@@ -1,15 +1,9 @@
-//! Prometheus metrics of the learner and its `/metrics` endpoint. Step figures are set when a step
+//! Prometheus metrics of the learner (its `/metrics` endpoint is `medrl_proto::metrics`). Step figures are set when a step
 //! ends; gauges describing the state (buffer, version) are refreshed at scrape time so they cannot
 //! drift from it.
 
-use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use axum::Router;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -137,21 +131,4 @@ impl LearnerMetrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
     }
-}
-
-/// Renders the metrics after refreshing state gauges; shared by the endpoint and the handle.
-pub type Scrape = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
-
-/// Serves `GET /metrics` on `listener` until `shutdown` completes.
-pub async fn serve_metrics(listener: tokio::net::TcpListener, scrape: Scrape, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-    let handler = move || {
-        let scrape = scrape.clone();
-        async move {
-            match scrape() {
-                Ok(text) => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response(),
-                Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
-            }
-        }
-    };
-    axum::serve(listener, Router::new().route("/metrics", get(handler))).with_graceful_shutdown(shutdown).await
 }
