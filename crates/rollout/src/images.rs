@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
 use medrl_proto::v1::ImageRef;
-use sha2::{Digest, Sha256};
+use medrl_weight_sync::sha256_hex;
 
 use crate::error::PromptError;
 use crate::session::Session;
@@ -60,11 +60,6 @@ impl ImageCache {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
-}
-
-/// Lowercase hex sha256 of `data`.
-pub fn sha256_hex(data: &[u8]) -> String {
-    hex::encode(Sha256::digest(data))
 }
 
 /// Checks a leased reference before fetching: a content address, and a size we accept.

@@ -5,7 +5,6 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use medrl_proto::v1::ImageRef;
-use sha2::{Digest, Sha256};
 
 use crate::service::cache::ByteLru;
 use crate::service::coordinator::CoordinatorRpc;
@@ -43,7 +42,7 @@ impl ImageStore {
             return Err(bad(format!("{} bytes, at most {} accepted", response.data.len(), self.max_image_bytes)));
         }
         // The address is the content: bytes that hash differently are not this image.
-        let actual = hex::encode(Sha256::digest(&response.data));
+        let actual = medrl_weight_sync::sha256_hex(&response.data);
         if actual != image.sha256 {
             return Err(bad(format!("the coordinator sent bytes hashing to {actual}")));
         }
