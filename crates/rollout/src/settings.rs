@@ -10,6 +10,7 @@ use medrl_proto::{ClientAuth, TlsSettings};
 use medrl_vqa::{PromptTemplate, RewardConfig};
 
 use crate::config::RolloutConfig;
+use crate::sample::GroupSettings;
 
 /// Settings of one rollout worker.
 #[derive(Debug, Clone)]
@@ -119,5 +120,10 @@ impl WorkerSettings {
             tls: None,
             tuning: WorkerTuning::default(),
         }
+    }
+
+    /// The part every group is sampled with.
+    pub fn group_settings(&self) -> GroupSettings {
+        GroupSettings { rollout: self.rollout.clone(), template: self.template, system_prompt: self.system_prompt.clone(), rewards: self.rewards }
     }
 }

@@ -170,15 +170,9 @@ async fn run_registered(
         tokio::spawn(heartbeat::run(hb_session, hb_state, hb_metrics, hb_progress, hb_tuning, hb_stop).in_current_span()),
     ));
 
-    let group_settings = Arc::new(GroupSettings {
-        rollout: settings.rollout.clone(),
-        template: settings.template,
-        system_prompt: settings.system_prompt.clone(),
-        rewards: settings.rewards,
-    });
     let mut worker = Worker {
         prompts_per_lease: settings.rollout.prompts_per_lease,
-        group_settings,
+        group_settings: Arc::new(settings.group_settings()),
         session,
         learner,
         updater: WeightUpdater::new(weights, &tuning),

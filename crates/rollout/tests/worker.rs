@@ -81,15 +81,6 @@ fn sha(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
 }
 
-fn group_settings(settings: &WorkerSettings) -> GroupSettings {
-    GroupSettings {
-        rollout: settings.rollout.clone(),
-        template: settings.template,
-        system_prompt: settings.system_prompt.clone(),
-        rewards: settings.rewards,
-    }
-}
-
 /// Re-samples a received group from scratch with `vlm` (the weights its version names).
 fn resample(fx: &Fixture, vlm: &Vlm, settings: &GroupSettings, g: &RolloutGroup) -> RolloutGroup {
     let record: VqaRecord = serde_json::from_str(&g.record_json).expect("record json");
@@ -275,7 +266,7 @@ async fn new_weights_apply_between_groups_and_corrupt_blobs_keep_the_old_ones() 
 
         // Each group was sampled wholly with the weights its version names: sampling it again
         // from scratch with those weights gives the same tokens and log-probs.
-        let gs = group_settings(&settings);
+        let gs = settings.group_settings();
         let v0 = Vlm::load(&fx.model_dir, DType::F32, &Device::Cpu).expect("v0");
         let v1 = fx.vlm_with(&weights1);
         for g in &groups {
@@ -322,7 +313,7 @@ async fn a_retried_attempt_resamples_identically_and_a_new_attempt_resamples_fre
 
         // Directly: the same key samples the same group; the next attempt samples another.
         let settings = worker_settings(&fx, "http://unused", "http://unused", 1);
-        let gs = group_settings(&settings);
+        let gs = settings.group_settings();
         let vlm = Vlm::load(&fx.model_dir, DType::F32, &Device::Cpu).expect("vlm");
         let record = fx.records[0].clone();
         let image = fx.image(&record.images[0]);
