@@ -122,13 +122,13 @@ impl CoordinatorService {
             LeaseOutcome::Granted(grant) => grant,
         };
         // Hash images outside the lock: the first use of an image reads the whole file.
-        let names: Vec<(u32, Vec<String>)> =
-            grant.prompts.iter().map(|g| (g.index, prompts.get(g.index).map(|r| r.images.clone()).unwrap_or_default())).collect();
-        let worker_shared = shared.clone();
+        let indexes: Vec<u32> = grant.prompts.iter().map(|g| g.index).collect();
+        let (worker_shared, worker_prompts) = (shared.clone(), prompts.clone());
         let resolved = tokio::task::spawn_blocking(move || {
-            names
+            indexes
                 .into_iter()
-                .map(|(index, images)| {
+                .map(|index| {
+                    let images = worker_prompts.get(index).map_or(&[][..], |r| &r.images[..]);
                     let refs: Result<Vec<ImageRef>, ImageError> = images
                         .iter()
                         .map(|name| {
