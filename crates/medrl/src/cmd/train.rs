@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use medrl_eval::run_log::{StepPoint, read_steps};
 use medrl_eval::{EvalConfig, evaluate, write_outputs};
 use medrl_model::pipeline::Vlm;
 use medrl_model::tiny::{TinySpec, create_tiny};
@@ -99,7 +100,9 @@ pub fn run(a: Args) -> Result<()> {
         };
         let outcome = run_rl(&config, &policy, &split, &run_dir, dtype, &device, &mut on_step)?;
         bar.finish_and_clear();
-        let steps = read_steps(&run_dir.join("rl").join(medrl_learner::service::METRICS_JSONL));
+        // The learner's step log as `medrl plot` reads it; the summary is only a report, so an
+        // unreadable log gives NaN rather than failing the finished run.
+        let steps = read_steps(&run_dir.join("rl").join(medrl_learner::service::METRICS_JSONL)).unwrap_or_default();
         let (first, last) = (window_mean(&steps, true), window_mean(&steps, false));
         eprintln!(
             "   RL: {} steps in {:.0} s; mean reward {:.3} -> {:.3}, rollout accuracy {:.1}% -> {:.1}%",
@@ -149,22 +152,12 @@ pub fn append_metrics(run_dir: &Path, mut value: serde_json::Value) -> Result<()
     Ok(())
 }
 
-/// (mean reward, mean accuracy) of each RL step in the learner's metrics.jsonl.
-fn read_steps(path: &Path) -> Vec<(f64, f64)> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .map(|v| (v["mean_reward"].as_f64().unwrap_or(f64::NAN), v["mean_accuracy"].as_f64().unwrap_or(f64::NAN)))
-        .collect()
-}
-
-/// Mean over the first (or last) quarter of the steps, at least one.
-fn window_mean(steps: &[(f64, f64)], first: bool) -> (f64, f64) {
+/// (mean reward, mean accuracy) over the first (or last) quarter of the steps, at least one.
+fn window_mean(steps: &[StepPoint], first: bool) -> (f64, f64) {
     if steps.is_empty() {
         return (f64::NAN, f64::NAN);
     }
     let n = (steps.len() / 4).max(1);
     let w = if first { &steps[..n] } else { &steps[steps.len() - n..] };
-    (w.iter().map(|s| s.0).sum::<f64>() / n as f64, w.iter().map(|s| s.1).sum::<f64>() / n as f64)
+    (w.iter().map(|s| s.mean_reward).sum::<f64>() / n as f64, w.iter().map(|s| s.mean_accuracy).sum::<f64>() / n as f64)
 }
