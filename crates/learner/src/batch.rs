@@ -1,10 +1,10 @@
 //! What one optimizer step consumes: prompt groups with their completions (token ids, texts and
 //! sampling log-probs), and the replay file format (`GROUPS.jsonl`) that records them.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use medrl_model::pipeline::{EncodedPrompt, Vlm};
+use medrl_vqa::record::for_each_line;
 use serde::Deserialize;
 
 use crate::{Error, Result};
@@ -51,16 +51,11 @@ struct GroupLine {
 /// text) through the model's chat template, and whose completions are tokenised without special
 /// tokens (end one with `<|im_end|>` to include the EOS, as sampled completions do).
 pub fn read_groups(path: &Path, vlm: &Vlm, system: Option<&str>) -> Result<Vec<Group>> {
-    let file = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
     let base = path.parent().map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("."));
     let mut groups = Vec::new();
-    for (n, line) in BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = |problem: String| Error::Input(format!("{}:{}: {problem}", path.display(), n + 1));
-        let g: GroupLine = serde_json::from_str(&line).map_err(|e| at(e.to_string()))?;
+    for_each_line(path, |source| Error::Io { path: path.to_path_buf(), source }, |line_no, line| {
+        let at = |problem: String| Error::Input(format!("{}:{line_no}: {problem}", path.display()));
+        let g: GroupLine = serde_json::from_str(line).map_err(|e| at(e.to_string()))?;
         if g.completions.is_empty() {
             return Err(at("field `completions`: expected at least one completion".into()));
         }
@@ -86,7 +81,8 @@ pub fn read_groups(path: &Path, vlm: &Vlm, system: Option<&str>) -> Result<Vec<G
             completions.push(Completion { ids, text, sampling_logprobs });
         }
         groups.push(Group { prompt, answer: g.answer, answer_label: g.answer_label, options: g.options, completions, version: 0 });
-    }
+        Ok(())
+    })?;
     if groups.is_empty() {
         return Err(Error::EmptyBatch(format!("{} has no groups", path.display())));
     }
