@@ -5,12 +5,14 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow, bail};
+use candle_core::{DType, Device};
 use medrl_coordinator::CoordinatorConfig;
 use medrl_eval::EvalConfig;
 use medrl_rollout::RolloutConfig;
 use medrl_learner::config::{AlgorithmConfig, LearnerConfig};
 
 use crate::cluster::ClusterSection;
+use crate::runtime::DeviceArgs;
 use crate::train::data::DataSection;
 use crate::train::sft::SftSection;
 use serde::{Deserialize, Serialize};
@@ -49,6 +51,14 @@ pub struct ModelSection {
 impl Default for ModelSection {
     fn default() -> Self {
         ModelSection { path: None, dtype: "f32".into(), device: "cpu".into(), min_pixels: None, max_pixels: None }
+    }
+}
+
+impl ModelSection {
+    /// The compute dtype and device the section names, parsed as `--dtype` and `--device` are.
+    pub fn dtype_device(&self) -> Result<(DType, Device)> {
+        let args = DeviceArgs { device: self.device.clone(), dtype: self.dtype.clone() };
+        Ok((args.dtype()?, args.device()?))
     }
 }
 

@@ -89,16 +89,16 @@ pub fn security(config: &RunConfig, sides: TlsSides) -> Result<Security> {
 
 /// A worker's settings from the run config.
 pub fn worker_settings(config: &RunConfig, name: String, coordinator: String, learner: String, model_dir: PathBuf) -> Result<WorkerSettings> {
-    let runtime = crate::runtime::DeviceArgs { device: config.model.device.clone(), dtype: config.model.dtype.clone() };
     let security = security(config, TlsSides::Client)?;
     let auth = ClientAuth::from_token(security.token.as_ref())?;
+    let (dtype, device) = config.model.dtype_device()?;
     Ok(WorkerSettings {
         name,
         coordinator,
         learner,
         model_dir,
-        dtype: runtime.dtype()?,
-        device: runtime.device()?,
+        dtype,
+        device,
         rollout: config.rollout.clone(),
         template: config.algorithm.template,
         system_prompt: config.algorithm.system_prompt.clone(),
@@ -150,8 +150,7 @@ pub fn learner_settings(config: &RunConfig, coordinator: String, base_model: Pat
 pub fn learner(a: RoleArgs) -> Result<()> {
     let config = a.load()?;
     let base = config.model.path.clone().context("model.path: the learner needs the starting model directory")?;
-    let runtime_args = crate::runtime::DeviceArgs { device: config.model.device.clone(), dtype: config.model.dtype.clone() };
-    let (dtype, device) = (runtime_args.dtype()?, runtime_args.device()?);
+    let (dtype, device) = config.model.dtype_device()?;
     let settings = learner_settings(&config, config.cluster.coordinator.clone(), base.clone())?;
     std::fs::create_dir_all(&settings.run_dir).with_context(|| format!("creating {}", settings.run_dir.display()))?;
     let (trainer, _) = resume_or_new(&settings.run_dir, &base, config.algorithm.clone(), config.learner.clone(), dtype, &device)?;

@@ -11,7 +11,6 @@ use medrl_model::tiny::{TinySpec, create_tiny};
 use serde_json::json;
 
 use crate::config::RunConfig;
-use crate::runtime::DeviceArgs;
 use crate::train::data::{Split, load_split};
 use crate::train::rl::run_rl;
 use crate::train::sft::run_sft;
@@ -43,8 +42,7 @@ struct EvalLine {
 /// Runs the recipe.
 pub fn run(a: Args) -> Result<()> {
     let config = RunConfig::load_or_default(a.config.as_deref(), &a.overrides)?;
-    let runtime = DeviceArgs { device: config.model.device.clone(), dtype: config.model.dtype.clone() };
-    let (dtype, device) = (runtime.dtype()?, runtime.device()?);
+    let (dtype, device) = config.model.dtype_device()?;
     let run_dir = config.run.output_dir.clone();
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
     std::fs::write(run_dir.join("config.yaml"), yaml_serde::to_string(&config)?).context("writing the resolved config")?;
