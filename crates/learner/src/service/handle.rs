@@ -83,10 +83,7 @@ async fn start(settings: LearnerSettings, trainer: Trainer) -> ServiceResult<Lea
         max_completions: settings.max_completions_per_group,
         max_sequence_tokens: settings.max_sequence_tokens,
         max_image_bytes: settings.max_image_bytes,
-        placeholder_ids: {
-            let c = &trainer.vlm.model.config;
-            [c.image_token_id, c.video_token_id, c.vision_start_token_id]
-        },
+        placeholder_ids: trainer.vlm.model.config.placeholder_token_ids(),
     };
     let shared = Arc::new(Shared::new(version, consumed, limits, settings.max_staleness, settings.max_buffered_groups));
     let images = Arc::new(ImageStore::new(rpc.clone(), settings.image_cache_bytes, settings.max_image_bytes));

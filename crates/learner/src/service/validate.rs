@@ -20,8 +20,7 @@ pub struct Limits {
     pub max_sequence_tokens: usize,
     /// Size of one image.
     pub max_image_bytes: u64,
-    /// Image, video and vision-start placeholders: never text, so never in a completion (the
-    /// step's forward pass would read them as image slots).
+    /// The model's `Config::placeholder_token_ids`, which no completion may hold.
     pub placeholder_ids: [u32; 3],
 }
 
