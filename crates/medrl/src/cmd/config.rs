@@ -6,14 +6,30 @@ use anyhow::Result;
 
 use crate::config::RunConfig;
 
-/// Arguments of `medrl config`.
+/// `--config FILE` (or the embedded default) and its `--set` overrides, as `medrl config` and
+/// `medrl train` take them.
 #[derive(clap::Args, Debug)]
-pub struct Args {
+pub struct ConfigArgs {
     /// Run config (YAML); the embedded default when absent.
     #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Override a config value, e.g. `run.output_dir=runs/x`.
     #[arg(long = "set")]
     pub overrides: Vec<String>,
+}
+
+impl ConfigArgs {
+    /// The resolved config: the file (or the embedded default) with the overrides applied.
+    pub fn load(&self) -> Result<RunConfig> {
+        RunConfig::load_or_default(self.config.as_deref(), &self.overrides)
+    }
+}
+
+/// Arguments of `medrl config`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    #[command(flatten)]
+    pub config: ConfigArgs,
     /// Print JSON instead of YAML.
     #[arg(long)]
     pub json: bool,
@@ -21,7 +37,7 @@ pub struct Args {
 
 /// Prints the resolved config, or fails naming the file and the key.
 pub fn run(a: Args) -> Result<()> {
-    let config = RunConfig::load_or_default(a.config.as_deref(), &a.overrides)?;
+    let config = a.config.load()?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&config)?);
     } else {

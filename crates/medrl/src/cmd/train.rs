@@ -1,7 +1,7 @@
 //! `medrl train`: the recipe end to end in one run directory. Without `--config` it runs the
 //! embedded default: the tiny model and the synthetic VQA task on CPU.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
 use medrl_eval::run_log::{StepPoint, read_steps};
@@ -10,7 +10,7 @@ use medrl_model::pipeline::Vlm;
 use medrl_model::tiny::{TinySpec, create_tiny};
 use serde_json::json;
 
-use crate::config::RunConfig;
+use crate::cmd::config::ConfigArgs;
 use crate::train::data::{Split, load_split};
 use crate::train::rl::run_rl;
 use crate::train::sft::run_sft;
@@ -21,12 +21,8 @@ pub const DEFAULT_CONFIG: &str = include_str!("../../../../configs/default.yaml"
 /// Arguments of `medrl train`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Run config (YAML); the embedded default when absent.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
-    /// Override a config value, e.g. `run.output_dir=runs/x`.
-    #[arg(long = "set")]
-    pub overrides: Vec<String>,
+    #[command(flatten)]
+    pub config: ConfigArgs,
 }
 
 /// One evaluation's headline numbers.
@@ -41,7 +37,7 @@ struct EvalLine {
 
 /// Runs the recipe.
 pub fn run(a: Args) -> Result<()> {
-    let config = RunConfig::load_or_default(a.config.as_deref(), &a.overrides)?;
+    let config = a.config.load()?;
     let (dtype, device) = config.model.dtype_device()?;
     let run_dir = config.run.output_dir.clone();
     std::fs::create_dir_all(&run_dir).with_context(|| format!("creating run directory {}", run_dir.display()))?;
