@@ -345,6 +345,19 @@ def check_generate(case: Case, medrl: str, extra: list[str], timeout: int, tie_m
     return errors, warnings_
 
 
+def resolve_medrl(ap: argparse.ArgumentParser, args) -> str | None:
+    """The absolute path of `--medrl` ("" with `--dry-run`); None (after saying why) when it is not an executable."""
+    if args.dry_run:
+        return ""
+    if not args.medrl:
+        ap.error("--medrl is required (or use --dry-run)")
+    medrl = shutil.which(args.medrl) or args.medrl
+    if not (os.path.isfile(medrl) and os.access(medrl, os.X_OK)):
+        print(f"error: medrl binary not found or not executable: {args.medrl}", file=sys.stderr)
+        return None
+    return str(Path(medrl).resolve())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--medrl", help="path to the medrl binary")
@@ -361,16 +374,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="build cases and references only; do not run medrl")
     args = ap.parse_args(argv)
 
-    if not args.dry_run:
-        if not args.medrl:
-            ap.error("--medrl is required (or use --dry-run)")
-        medrl = shutil.which(args.medrl) or args.medrl
-        if not (os.path.isfile(medrl) and os.access(medrl, os.X_OK)):
-            print(f"error: medrl binary not found or not executable: {args.medrl}", file=sys.stderr)
-            return 2
-        medrl = str(Path(medrl).resolve())
-    else:
-        medrl = ""
+    medrl = resolve_medrl(ap, args)
+    if medrl is None:
+        return 2
     extra = shlex.split(args.medrl_args)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))

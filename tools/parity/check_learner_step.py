@@ -194,7 +194,7 @@ class Case:
             mf.save_v4_layout(model, tok, spec, ids, self.model_dir, spec["min_pixels"], spec["max_pixels"], template, dtype=dtype, n_shards=spec["v4_shards"])
         if self.offpolicy:
             self.add_sampling_logprobs(rng)
-        lf.write_groups(self.dir / "groups.jsonl", self.groups)
+        mf.dump_jsonl(self.dir / "groups.jsonl", self.groups)
         opt = lf.SGD if self.optimizer == "sgd" else lf.ADAMW
         self.run_text = lf.run_yaml(self.algorithm, opt, self.max_grad_norm)
         (self.dir / "run.yaml").write_text(self.run_text, encoding="utf-8")
@@ -353,7 +353,7 @@ def check_case(case: Case, medrl: str, extra: list[str], args) -> tuple[list[str
         try:
             m = mf.Qwen2_5_VLForConditionalGeneration.from_pretrained(out, dtype=torch.float32, attn_implementation="eager")
             for n, prm in m.named_parameters():
-                ln = lf.legacy_name(n)
+                ln = mf.v5_saved_name(n)
                 d = float((prm.detach() - case.ref["new"][ln]).abs().max())
                 if not d <= args.atol:
                     errors.append(f"transformers loads OUT but {ln} differs by {d:.3g}")
@@ -389,16 +389,9 @@ def main(argv=None) -> int:
     optimizers = [o.strip() for o in args.optimizers.split(",") if o.strip()]
     if not set(algorithms) <= {"grpo", "grpo_care", "sft"} or not set(optimizers) <= {"sgd", "adamw"} or not algorithms or not optimizers:
         ap.error("--algorithms takes grpo,grpo_care,sft; --optimizers takes sgd,adamw")
-    if not args.dry_run:
-        if not args.medrl:
-            ap.error("--medrl is required (or use --dry-run)")
-        medrl = shutil.which(args.medrl) or args.medrl
-        if not (os.path.isfile(medrl) and os.access(medrl, os.X_OK)):
-            print(f"error: medrl binary not found or not executable: {args.medrl}", file=sys.stderr)
-            return 2
-        medrl = str(Path(medrl).resolve())
-    else:
-        medrl = ""
+    medrl = cc.resolve_medrl(ap, args)
+    if medrl is None:
+        return 2
     extra = shlex.split(args.medrl_args)
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 

@@ -1102,19 +1102,25 @@ def build_case(name: str, spec: dict, out_root: Path, log=print) -> dict:
     return summary
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--case", choices=sorted(CASES), action="append")
+def fixtures_main(argv, doc: str, cases: dict, default_out: Path, build) -> int:
+    """The command line of a fixture generator: `--out DIR`, `--case NAME` (repeatable, default all);
+    checks the pinned versions and builds each case with `build(name, spec, out_root)`."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=default_out)
+    ap.add_argument("--case", choices=sorted(cases), action="append")
     args = ap.parse_args(argv)
     assert transformers.__version__ == "5.17.0", transformers.__version__
     assert torch.__version__.split("+")[0] == "2.11.0", torch.__version__
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     torch.use_deterministic_algorithms(True, warn_only=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    for name in args.case or list(CASES):
-        build_case(name, copy.deepcopy(CASES[name]), args.out)
+    for name in args.case or list(cases):
+        build(name, copy.deepcopy(cases[name]), args.out)
     return 0
+
+
+def main(argv=None) -> int:
+    return fixtures_main(argv, __doc__, CASES, DEFAULT_OUT, build_case)
 
 
 if __name__ == "__main__":

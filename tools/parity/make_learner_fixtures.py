@@ -24,7 +24,6 @@ This module is also imported by tools/parity/check_learner_step.py (`reference_s
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -202,10 +201,6 @@ def load_policy(model_dir: Path, dtype=torch.float32):
     return model, processor
 
 
-def legacy_name(in_memory: str) -> str:
-    return mf.v5_saved_name(in_memory)
-
-
 def read_groups(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -267,7 +262,7 @@ def reference_step(model_dir: Path, groups_path: Path, run_text: str, dtype=torc
     batch = encode_batch(processor, groups, groups_path.parent)
 
     params = [(n, p) for n, p in model.named_parameters()]  # tied lm_head appears once
-    old = {legacy_name(n): p.detach().to(torch.float32).clone() for n, p in params}
+    old = {mf.v5_saved_name(n): p.detach().to(torch.float32).clone() for n, p in params}
 
     # ---- forward: per-token log-probs of every completion (grad kept) ------------------
     seqs = []  # flat list over groups, completions
@@ -420,7 +415,7 @@ def reference_step(model_dir: Path, groups_path: Path, run_text: str, dtype=torc
             weight_decay=float(opt_cfg["weight_decay"]),
         )
     opt.step()
-    new = {legacy_name(n): p.detach().to(torch.float32).clone() for n, p in params}
+    new = {mf.v5_saved_name(n): p.detach().to(torch.float32).clone() for n, p in params}
 
     expected = {
         "loss": float(loss.detach()),
@@ -731,12 +726,6 @@ def make_offpolicy_logprobs(case_dir: Path, spec: dict, model_dir: Path) -> None
         g["sampling_logprobs"] = rows
 
 
-def write_groups(path: Path, groups: list[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for g in groups:
-            f.write(json.dumps(g, ensure_ascii=False) + "\n")
-
-
 def build_case(name: str, spec: dict, out_root: Path, log=print) -> dict:
     case_dir = out_root / name
     if case_dir.exists():
@@ -754,7 +743,7 @@ def build_case(name: str, spec: dict, out_root: Path, log=print) -> dict:
     spec = dict(spec, groups=groups)
     if spec.get("offpolicy"):
         make_offpolicy_logprobs(case_dir, spec, model_dir)
-    write_groups(case_dir / "groups.jsonl", groups)
+    mf.dump_jsonl(case_dir / "groups.jsonl", groups)
     run_text = run_yaml(spec["algorithm"], spec["optimizer"], spec["max_grad_norm"])
     (case_dir / "run.yaml").write_text(run_text, encoding="utf-8")
     assert yaml.safe_load(run_text)  # parses
@@ -799,20 +788,7 @@ def build_case(name: str, spec: dict, out_root: Path, log=print) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--case", choices=sorted(CASES), action="append")
-    args = ap.parse_args(argv)
-    import transformers
-
-    assert transformers.__version__ == "5.17.0", transformers.__version__
-    assert torch.__version__.split("+")[0] == "2.11.0", torch.__version__
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name in args.case or list(CASES):
-        build_case(name, copy.deepcopy(CASES[name]), args.out)
-    return 0
+    return mf.fixtures_main(argv, __doc__, CASES, DEFAULT_OUT, build_case)
 
 
 if __name__ == "__main__":
