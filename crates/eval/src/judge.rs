@@ -4,19 +4,14 @@
 use std::collections::HashMap;
 
 use medrl_vqa::reward::eval_kit_judge;
-use medrl_vqa::{Gold, VqaRecord};
+use medrl_vqa::VqaRecord;
 
 use crate::error::{EvalError, Result};
 use crate::samples::{ItemSamples, Judged};
 
-/// The gold answer of a record as the kit's judge takes it.
-pub fn gold_of(record: &VqaRecord) -> Gold<'_> {
-    Gold { answer: &record.answer, label: record.answer_label.as_deref(), options: &record.options }
-}
-
 /// Judges one completion of `record` with the kit's cascade (`eval_kit_judge`).
 pub fn judge(text: String, record: &VqaRecord) -> Judged {
-    let j = eval_kit_judge(&text, &gold_of(record));
+    let j = eval_kit_judge(&text, &record.gold());
     Judged { text, prediction: j.prediction, correct: j.correct, format_ok: j.used_answer_tag }
 }
 

@@ -4,16 +4,11 @@ use std::collections::HashMap;
 
 use medrl_proto::v1::Reward;
 use medrl_vqa::reward::RewardComponents;
-use medrl_vqa::{Gold, RewardConfig, VqaRecord};
-
-/// The gold answer of a record, as the rewards read it.
-pub fn gold(record: &VqaRecord) -> Gold<'_> {
-    Gold { answer: &record.answer, label: record.answer_label.as_deref(), options: &record.options }
-}
+use medrl_vqa::{RewardConfig, VqaRecord};
 
 /// Scores one completion's text: the weighted total and every named component.
 pub fn score(rewards: &RewardConfig, text: &str, record: &VqaRecord) -> (Reward, f64) {
-    let outcome = rewards.score(text, &gold(record));
+    let outcome = rewards.score(text, &record.gold());
     let RewardComponents { format, accuracy, med_vl_thinker, eval_kit } = outcome.components;
     let components: HashMap<String, f32> = [("format", format), ("accuracy", accuracy), ("med_vl_thinker", med_vl_thinker), ("eval_kit", eval_kit)]
         .into_iter()

@@ -43,6 +43,11 @@ pub enum RecordError {
 }
 
 impl VqaRecord {
+    /// The gold answer as the rewards and judges read it.
+    pub fn gold(&self) -> crate::Gold<'_> {
+        crate::Gold { answer: &self.answer, label: self.answer_label.as_deref(), options: &self.options }
+    }
+
     /// Checks the fields that parsing alone cannot: a label that names an existing option, and an
     /// answer equal to that option's text.
     pub fn validate(&self) -> Result<(), String> {
