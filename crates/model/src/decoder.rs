@@ -4,7 +4,9 @@
 use candle_core::Tensor;
 
 use crate::config::TextConfig;
-use crate::nn::{Exec, Linear, apply_rotary, attention, rms_norm};
+use crate::group_cache::GroupCache;
+use crate::nn::{Exec, Linear, attention, rms_norm};
+use crate::rope::Rotary;
 use crate::weights::Weights;
 use crate::Result;
 
@@ -20,7 +22,7 @@ struct Layer {
     down: Linear,
 }
 
-/// Keys and values of every layer, `[B, Hkv, T, D]` each.
+/// Keys and values of every layer after a prefill, `[B, Hkv, T, D]` each.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<(Tensor, Tensor)>,
@@ -35,16 +37,6 @@ impl KvCache {
     /// True before the first forward pass.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-
-    /// Repeats a batch-1 cache `n` times along the batch (the K samples of one prompt).
-    pub fn fork(&self, n: usize) -> Result<KvCache> {
-        let layers = self
-            .layers
-            .iter()
-            .map(|(k, v)| Ok((repeat_batch(k, n)?, repeat_batch(v, n)?)))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(KvCache { layers })
     }
 
     /// Left-pads the cache with zeros to `len` positions (masked by the caller).
@@ -75,23 +67,21 @@ impl KvCache {
         Ok(KvCache { layers })
     }
 
-    /// Keeps only the given batch rows.
-    pub fn select_rows(&self, rows: &Tensor) -> Result<KvCache> {
-        let layers = self.layers.iter().map(|(k, v)| Ok((k.index_select(rows, 0)?, v.index_select(rows, 0)?))).collect::<Result<Vec<_>>>()?;
-        Ok(KvCache { layers })
+    /// A cache from every layer's keys and values.
+    pub fn from_layers(layers: Vec<(Tensor, Tensor)>) -> Self {
+        KvCache { layers }
     }
-}
 
-fn repeat_batch(t: &Tensor, n: usize) -> Result<Tensor> {
-    let (b, h, s, d) = t.dims4()?;
-    Ok(t.unsqueeze(1)?.broadcast_as((b, n, h, s, d))?.reshape((b * n, h, s, d))?)
+    /// Every layer's keys and values.
+    pub fn into_layers(self) -> Vec<(Tensor, Tensor)> {
+        self.layers
+    }
 }
 
 /// Inputs of one decoder pass that every layer shares.
 pub struct Step<'a> {
-    /// Rotary cos / sin `[B, 1, T, D]`.
-    pub cos: &'a Tensor,
-    pub sin: &'a Tensor,
+    /// Rotary tables of the pass's positions.
+    pub rotary: &'a Rotary,
     /// Additive mask `[B, 1, T, T_cache + T]`, or none when nothing is masked.
     pub mask: Option<&'a Tensor>,
 }
@@ -162,28 +152,38 @@ impl TextModel {
         Ok(self.embed_tokens.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, self.config.hidden_size))?)
     }
 
-    /// Runs every layer over `x` `[B, T, H]`, appending to `cache` when given, and returns the
-    /// final-normed hidden states.
+    /// Runs every layer over `x` `[B, T, H]` and returns the final-normed hidden states; with a
+    /// cache, fills it with every layer's keys and values (a prefill).
     pub fn forward(&self, x: &Tensor, step: &Step<'_>, mut cache: Option<&mut KvCache>, exec: Exec) -> Result<Tensor> {
+        if let Some(c) = cache.as_deref_mut() {
+            c.layers.clear();
+        }
         let mut x = x.clone();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let past = cache.as_deref().and_then(|c| c.layers.get(i).cloned());
-            let (y, kv) = self.layer_forward(layer, &x, step, past.as_ref(), exec)?;
-            if let Some(c) = cache.as_deref_mut() {
-                if i < c.layers.len() {
-                    c.layers[i] = kv;
-                } else {
-                    c.layers.push(kv);
+        for layer in &self.layers {
+            x = self.layer_forward(layer, &x, step, exec, &mut |q, k, v| {
+                let out = attention(q, &k, &v, step.mask, exec)?;
+                if let Some(c) = cache.as_deref_mut() {
+                    c.layers.push((k, v));
                 }
-            }
-            x = y;
+                Ok(out)
+            })?;
         }
         rms_norm(&x, &self.norm, self.config.rms_norm_eps, exec)
     }
 
+    /// One decoding step: `x` `[N·K, 1, H]`, one new token per row of `cache`.
+    pub fn decode(&self, x: &Tensor, step: &Step<'_>, cache: &mut GroupCache) -> Result<Tensor> {
+        let mut x = x.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = self.layer_forward(layer, &x, step, Exec::Infer, &mut |q, k, v| cache.attend(i, q, &k, &v))?;
+        }
+        cache.advance();
+        rms_norm(&x, &self.norm, self.config.rms_norm_eps, Exec::Infer)
+    }
+
     /// Runs layer `i` alone (for gradient checkpointing), without a cache.
     pub fn layer(&self, i: usize, x: &Tensor, step: &Step<'_>, exec: Exec) -> Result<Tensor> {
-        Ok(self.layer_forward(&self.layers[i], x, step, None, exec)?.0)
+        self.layer_forward(&self.layers[i], x, step, exec, &mut |q, k, v| attention(q, &k, &v, step.mask, exec))
     }
 
     /// The final norm alone.
@@ -191,25 +191,20 @@ impl TextModel {
         rms_norm(x, &self.norm, self.config.rms_norm_eps, exec)
     }
 
-    fn layer_forward(&self, l: &Layer, x: &Tensor, step: &Step<'_>, past: Option<&(Tensor, Tensor)>, exec: Exec) -> Result<(Tensor, (Tensor, Tensor))> {
+    /// One layer; `attend(q, k, v)` `[B, H|Hkv, T, D]` returns the attention output `[B, H, T, D]`.
+    fn layer_forward(&self, l: &Layer, x: &Tensor, step: &Step<'_>, exec: Exec, attend: &mut dyn FnMut(&Tensor, Tensor, Tensor) -> Result<Tensor>) -> Result<Tensor> {
         let c = &self.config;
         let (b, t, _) = x.dims3()?;
         let (heads, kv_heads, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let h = rms_norm(x, &l.input_norm, c.rms_norm_eps, exec)?;
         let split = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?) };
-        let dtype = x.dtype();
-        let (cos, sin) = (step.cos.to_dtype(dtype)?, step.sin.to_dtype(dtype)?);
-        let q = apply_rotary(&split(l.q.forward(&h)?, heads)?, &cos, &sin)?;
-        let k = apply_rotary(&split(l.k.forward(&h)?, kv_heads)?, &cos, &sin)?;
-        let v = split(l.v.forward(&h)?, kv_heads)?;
-        let (k, v) = match past {
-            Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-            None => (k.contiguous()?, v.contiguous()?),
-        };
-        let attn = attention(&q, &k, &v, step.mask, exec)?.transpose(1, 2)?.reshape((b, t, heads * hd))?;
+        let q = step.rotary.apply(&split(l.q.forward(&h)?, heads)?)?;
+        let k = step.rotary.apply(&split(l.k.forward(&h)?, kv_heads)?)?;
+        let v = split(l.v.forward(&h)?, kv_heads)?.contiguous()?;
+        let attn = attend(&q, k, v)?.transpose(1, 2)?.reshape((b, t, heads * hd))?;
         let x = (x + l.o.forward(&attn)?)?;
         let h = rms_norm(&x, &l.post_norm, c.rms_norm_eps, exec)?;
         let mlp = l.down.forward(&(l.gate.forward(&h)?.silu()? * l.up.forward(&h)?)?)?;
-        Ok(((x + mlp)?, (k, v)))
+        Ok((x + mlp)?)
     }
 }

@@ -1,25 +1,21 @@
-//! Batched generation with a KV cache: each prompt (images + text) is prefilled once, its cache
-//! forked for the K samples, and all samples of all prompts decode together, left-padded, until
-//! a stop token or the token budget; finished rows leave the batch.
+//! Batched generation: each prompt (images + text) is prefilled once, its KV cache shared by its K
+//! samples, and all samples of all prompts decode together until a stop token or the token
+//! budget; a prompt leaves the batch when its last sample stops. Tokens are picked on the device
+//! that holds the logits (see [`crate::sample`]).
 
-use candle_core::IndexOp;
+use candle_core::{IndexOp, Tensor};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 use crate::decoder::KvCache;
+use crate::group_cache::GroupCache;
 use crate::image::ProcessedImage;
 use crate::model::{Qwen25Vl, Sequence};
 use crate::nn::Exec;
+use crate::sample::{Excluded, pick};
 use crate::vision::index_tensor;
 use crate::{Error, Result};
 
-/// How the next token is chosen.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Sampling {
-    /// The most likely token.
-    Greedy,
-    /// Temperature, then top-k (0 = off), then top-p (1.0 = off), as transformers orders them.
-    Random { temperature: f64, top_p: f64, top_k: usize },
-}
+pub use crate::sample::Sampling;
 
 /// Generation settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -51,21 +47,36 @@ pub struct Completion {
 }
 
 struct Row {
-    request: usize,
-    sample: usize,
     rng: StdRng,
     position: i64,
-    pad: usize,
     out: Completion,
+    /// False once the row has stopped, and from the start for the padding rows of a prompt that
+    /// asks for fewer samples than the batch's K.
+    decoding: bool,
+}
+
+/// The K rows of one prompt.
+struct Group {
+    request: usize,
+    rows: Vec<Row>,
 }
 
 /// Samples `num_samples` completions for every request.
+///
+/// Every prompt keeps K = max(num_samples) rows in the batch until all of its rows have stopped,
+/// so its prefill stays shared (see [`GroupCache`]); a stopped row's steps are computed and
+/// ignored, and the prompt leaves the batch when its last row stops.
 pub fn generate(model: &Qwen25Vl, requests: &[Request<'_>], params: &GenerationParams, stop_ids: &[u32], pad_id: u32) -> Result<Vec<Vec<Completion>>> {
     let limit = model.config.text.max_position_embeddings;
-    let mut rows: Vec<Row> = Vec::new();
-    let mut caches = Vec::new();
-    let mut first_logits = Vec::new();
+    let samples = requests.iter().map(|r| r.num_samples).max().unwrap_or(0);
+    let mut out: Vec<Vec<Completion>> = requests.iter().map(|r| Vec::with_capacity(r.num_samples)).collect();
+    if samples == 0 {
+        return Ok(out);
+    }
     let longest = requests.iter().map(|r| r.prompt.len()).max().unwrap_or(0);
+    let mut groups = Vec::with_capacity(requests.len());
+    let mut prefills = Vec::with_capacity(requests.len());
+    let mut prompt_logits = Vec::with_capacity(requests.len());
     for (ri, req) in requests.iter().enumerate() {
         let batch = model.batch(&[Sequence { ids: req.prompt, images: req.images }], pad_id)?;
         let next = batch.next_position[0];
@@ -77,60 +88,57 @@ pub fn generate(model: &Qwen25Vl, requests: &[Request<'_>], params: &GenerationP
         }
         let mut cache = KvCache::default();
         let hidden = model.forward_with_cache(&batch, Some(&mut cache), Exec::Infer)?;
-        let last = hidden.i((0, batch.len() - 1))?;
-        let logits = model.logits(&last)?.to_vec1::<f32>()?;
-        caches.push(cache.fork(req.num_samples)?.left_pad(longest)?);
-        for s in 0..req.num_samples {
-            rows.push(Row {
-                request: ri,
-                sample: s,
+        prompt_logits.push(model.logits(&hidden.i((0, batch.len() - 1))?.unsqueeze(0)?)?);
+        prefills.push(cache.left_pad(longest)?);
+        let rows = (0..samples)
+            .map(|s| Row {
                 rng: StdRng::seed_from_u64(mix(params.seed, ri as u64, s as u64)),
                 position: next,
-                pad: longest - req.prompt.len(),
                 out: Completion { token_ids: Vec::new(), logprobs: Vec::new(), stopped: false },
-            });
-            first_logits.push(logits.clone());
-        }
+                decoding: s < req.num_samples && params.max_new_tokens > 0,
+            })
+            .collect();
+        groups.push(Group { request: ri, rows });
     }
-    let mut cache = KvCache::concat(&caches)?;
-    let mut finished: Vec<Row> = Vec::new();
-    let mut logits = first_logits;
-    let placeholders = model.config.placeholder_token_ids();
+    let pads: Vec<usize> = requests.iter().map(|r| longest - r.prompt.len()).collect();
+    let mut cache = GroupCache::new(KvCache::concat(&prefills)?, &pads, samples, params.max_new_tokens.max(1))?;
+    drop(prefills);
+    let excluded = Excluded::new(&model.config.placeholder_token_ids(), model.config.text.vocab_size, model.device())?;
+    let mut finished: Vec<Group> = Vec::new();
+    // Step 0 draws every row from its prompt's logits; later steps from the decoded rows'.
+    let first_rows: Vec<usize> = (0..groups.len() * samples).map(|r| r / samples).collect();
+    let mut logits = Tensor::cat(&prompt_logits, 0)?.index_select(&index_tensor(&first_rows, model.device())?, 0)?;
+    drop(prompt_logits);
     for step in 0..params.max_new_tokens {
-        let mut keep = Vec::new();
-        let mut still: Vec<Row> = Vec::new();
-        for (i, (mut row, lg)) in rows.into_iter().zip(logits.iter()).enumerate() {
-            let (token, lp) = choose_except(lg, params.sampling, &mut row.rng, &placeholders);
+        let active: Vec<usize> = groups.iter().flat_map(|g| &g.rows).enumerate().filter(|(_, r)| r.decoding).map(|(i, _)| i).collect();
+        let mut rows: Vec<&mut Row> = groups.iter_mut().flat_map(|g| g.rows.iter_mut()).filter(|r| r.decoding).collect();
+        let uniforms: Vec<f64> = rows.iter_mut().map(|r| r.rng.random::<f64>()).collect();
+        for (row, (token, lp)) in rows.into_iter().zip(pick(&logits, &active, &uniforms, params.sampling, &excluded)?) {
             row.out.token_ids.push(token);
             row.out.logprobs.push(lp);
-            if stop_ids.contains(&token) {
-                row.out.stopped = true;
-                finished.push(row);
-            } else if step + 1 == params.max_new_tokens {
-                finished.push(row);
-            } else {
-                keep.push(i);
-                still.push(row);
+            row.out.stopped = stop_ids.contains(&token);
+            row.decoding = !row.out.stopped && step + 1 < params.max_new_tokens;
+        }
+        let keep: Vec<usize> = (0..groups.len()).filter(|&g| groups[g].rows.iter().any(|r| r.decoding)).collect();
+        if keep.len() < groups.len() {
+            let mut kept = Vec::with_capacity(keep.len());
+            for (g, group) in groups.into_iter().enumerate() {
+                if keep.binary_search(&g).is_ok() { kept.push(group) } else { finished.push(group) }
             }
+            groups = kept;
+            if groups.is_empty() {
+                break;
+            }
+            cache.keep_prompts(&keep)?;
         }
-        rows = still;
-        if rows.is_empty() {
-            break;
-        }
-        if keep.len() < logits.len() {
-            cache = cache.select_rows(&index_tensor(&keep, model.device())?)?;
-        }
-        let ids: Vec<u32> = rows.iter().map(|r| r.out.token_ids.last().copied().unwrap_or(pad_id)).collect();
-        let positions: Vec<i64> = rows.iter().map(|r| r.position + step as i64).collect();
-        let pads: Vec<usize> = rows.iter().map(|r| r.pad).collect();
-        let next = model.decode_step(&ids, &positions, &pads, &mut cache)?;
-        logits = next.to_vec2::<f32>()?;
+        let rows = groups.iter().flat_map(|g| &g.rows);
+        let ids: Vec<u32> = rows.clone().map(|r| if r.decoding { r.out.token_ids.last().copied().unwrap_or(pad_id) } else { pad_id }).collect();
+        let positions: Vec<i64> = rows.map(|r| r.position + step as i64).collect();
+        logits = model.decode_step(&ids, &positions, &mut cache)?;
     }
-    finished.extend(rows);
-    let mut out: Vec<Vec<Completion>> = requests.iter().map(|r| Vec::with_capacity(r.num_samples)).collect();
-    finished.sort_by_key(|r| (r.request, r.sample));
-    for row in finished {
-        out[row.request].push(row.out);
+    for group in finished.into_iter().chain(groups) {
+        let wanted = requests[group.request].num_samples;
+        out[group.request] = group.rows.into_iter().take(wanted).map(|r| r.out).collect();
     }
     Ok(out)
 }
@@ -143,138 +151,14 @@ fn mix(seed: u64, a: u64, b: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-fn log_sum_exp(x: &[f32]) -> f32 {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let sum: f64 = x.iter().map(|&v| ((v - max) as f64).exp()).sum();
-    max + sum.ln() as f32
-}
-
-fn log_softmax(x: &[f32]) -> Vec<f32> {
-    let lse = log_sum_exp(x);
-    x.iter().map(|&v| v - lse).collect()
-}
-
-/// Picks the next token from one row of logits; returns it with its log-prob.
-pub fn choose(logits: &[f32], sampling: Sampling, rng: &mut StdRng) -> (u32, f32) {
-    choose_except(logits, sampling, rng, &[])
-}
-
-/// [`choose`] never picking a token of `excluded`. Exclusion is a truncation like top-k: the
-/// log-prob stays that of the full distribution, which is what a learner recomputes.
-fn choose_except(logits: &[f32], sampling: Sampling, rng: &mut StdRng, excluded: &[u32]) -> (u32, f32) {
-    let allowed = |i: usize| !excluded.contains(&(i as u32));
-    match sampling {
-        Sampling::Greedy => {
-            // First index of the maximum, as torch.argmax.
-            let mut best: Option<usize> = None;
-            for (i, &v) in logits.iter().enumerate() {
-                if allowed(i) && best.is_none_or(|b| v > logits[b]) {
-                    best = Some(i);
-                }
-            }
-            let best = best.unwrap_or(0);
-            // One log-prob is needed, not the vocabulary's: no per-token vector.
-            (best as u32, logits[best] - log_sum_exp(logits))
-        }
-        Sampling::Random { temperature, top_p, top_k } => {
-            let t = temperature.max(1e-6) as f32;
-            let scaled: Vec<f32> = logits.iter().map(|&v| v / t).collect();
-            let lp = log_softmax(&scaled);
-            if top_k == 0 && top_p >= 1.0 {
-                // Nothing is truncated: draw from the full distribution without sorting 152k logits.
-                let mass = 1.0 - excluded.iter().filter_map(|&i| lp.get(i as usize)).map(|&l| (l as f64).exp()).sum::<f64>();
-                return draw(lp.iter().enumerate().filter(|&(i, _)| allowed(i)).map(|(i, &l)| (i, (l as f64).exp())), mass, rng, &lp);
-            }
-            let mut order: Vec<usize> = (0..scaled.len()).filter(|&i| allowed(i)).collect();
-            order.sort_by(|&a, &b| scaled[b].total_cmp(&scaled[a]).then(a.cmp(&b)));
-            if top_k > 0 && top_k < order.len() {
-                order.truncate(top_k);
-            }
-            let probs: Vec<f64> = order.iter().map(|&i| (lp[i] as f64).exp()).collect();
-            let total: f64 = probs.iter().sum();
-            let mut keep = order.len();
-            if top_p < 1.0 {
-                let mut cum = 0.0;
-                for (n, p) in probs.iter().enumerate() {
-                    cum += p / total;
-                    if cum >= top_p {
-                        keep = n + 1;
-                        break;
-                    }
-                }
-            }
-            let mass: f64 = probs[..keep].iter().sum();
-            draw(order[..keep].iter().copied().zip(probs[..keep].iter().copied()), mass, rng, &lp)
-        }
-    }
-}
-
-/// Inverse-CDF draw over `(token, probability)` pairs of total `mass`; returns the token and its log-prob.
-fn draw(candidates: impl Iterator<Item = (usize, f64)>, mass: f64, rng: &mut StdRng, lp: &[f32]) -> (u32, f32) {
-    let mut u = rng.random::<f64>() * mass;
-    let mut last = 0;
-    for (token, p) in candidates {
-        if u < p {
-            return (token as u32, lp[token]);
-        }
-        u -= p;
-        last = token;
-    }
-    // Rounding left u just above the summed mass: the last candidate.
-    (last as u32, lp[last])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn greedy_takes_the_first_maximum() {
-        let mut rng = StdRng::seed_from_u64(0);
-        let (t, lp) = choose(&[0.0, 2.0, 2.0, -1.0], Sampling::Greedy, &mut rng);
-        assert_eq!(t, 1);
-        assert!((lp - log_softmax(&[0.0, 2.0, 2.0, -1.0])[1]).abs() < 1e-7);
-    }
-
-    #[test]
-    fn excluded_tokens_are_never_chosen_and_keep_full_log_probs() {
-        let mut rng = StdRng::seed_from_u64(3);
-        let logits = [0.0f32, 5.0, 1.0, 4.0];
-        let full = log_softmax(&logits);
-        let (t, lp) = choose_except(&logits, Sampling::Greedy, &mut rng, &[1]);
-        assert_eq!((t, lp), (3, full[3]));
-        for s in [Sampling::Random { temperature: 1.0, top_p: 1.0, top_k: 0 }, Sampling::Random { temperature: 0.7, top_p: 0.9, top_k: 2 }] {
-            for _ in 0..200 {
-                let (t, lp) = choose_except(&logits, s, &mut rng, &[1]);
-                assert_ne!(t, 1);
-                if let Sampling::Random { temperature: 1.0, .. } = s {
-                    assert_eq!(lp, full[t as usize]);
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn top_k_one_is_greedy_and_top_p_cuts_the_tail() {
-        let logits = [0.1f32, 3.0, 1.0, 2.9];
-        let mut rng = StdRng::seed_from_u64(7);
-        for _ in 0..50 {
-            let (t, _) = choose(&logits, Sampling::Random { temperature: 1.0, top_p: 1.0, top_k: 1 }, &mut rng);
-            assert_eq!(t, 1);
-            let (t, _) = choose(&logits, Sampling::Random { temperature: 1.0, top_p: 0.5, top_k: 0 }, &mut rng);
-            assert!(t == 1 || t == 3, "top-p 0.5 keeps only the two leading tokens, got {t}");
-        }
-    }
-
-    #[test]
-    fn seeded_streams_are_reproducible() {
-        let logits: Vec<f32> = (0..50).map(|i| (i as f32 * 0.37).sin()).collect();
-        let s = Sampling::Random { temperature: 0.7, top_p: 0.9, top_k: 0 };
-        let draw = |seed| {
-            let mut rng = StdRng::seed_from_u64(seed);
-            (0..20).map(|_| choose(&logits, s, &mut rng).0).collect::<Vec<_>>()
-        };
-        assert_eq!(draw(mix(1, 2, 3)), draw(mix(1, 2, 3)));
-        assert_ne!(draw(mix(1, 2, 3)), draw(mix(1, 2, 4)));
+    fn seeded_streams_are_distinct_per_request_and_sample() {
+        assert_eq!(mix(1, 2, 3), mix(1, 2, 3));
+        assert_ne!(mix(1, 2, 3), mix(1, 2, 4));
+        assert_ne!(mix(1, 2, 3), mix(1, 3, 2));
     }
 }

@@ -3,15 +3,19 @@
 
 pub mod chat;
 pub mod config;
+#[cfg(feature = "cuda")]
+mod cuda_attention;
 pub mod decoder;
 pub mod error;
 pub mod generate;
+pub mod group_cache;
 pub mod image;
 pub mod logprobs;
 pub mod model;
 pub mod nn;
 pub mod pipeline;
 pub mod rope;
+pub mod sample;
 pub mod tiny;
 pub mod tiny_tokenizer;
 pub mod vision;

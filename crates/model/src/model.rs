@@ -8,10 +8,11 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use crate::config::Config;
 use crate::decoder::{KvCache, Step, TextModel};
+use crate::group_cache::GroupCache;
 use crate::image::ProcessedImage;
 use crate::logprobs::token_logprobs;
 use crate::nn::{Exec, MASKED};
-use crate::rope::{Grid, mrope_cos_sin, rope_index};
+use crate::rope::{Grid, Rotary, rope_index};
 use crate::vision::{VisionTower, index_tensor};
 use crate::weights::Weights;
 use crate::{Error, Result};
@@ -183,17 +184,16 @@ impl Qwen25Vl {
     /// Like [`Self::hidden`], filling `cache` for generation.
     pub fn forward_with_cache(&self, batch: &Batch, cache: Option<&mut KvCache>, exec: Exec) -> Result<Tensor> {
         let x = self.embed(batch, exec)?;
-        let (cos, sin, mask) = self.decoder_inputs(batch)?;
-        let step = Step { cos: &cos, sin: &sin, mask: mask.as_ref() };
+        let (rotary, mask) = self.decoder_inputs(batch, exec)?;
+        let step = Step { rotary: &rotary, mask: mask.as_ref() };
         self.text.forward(&x, &step, cache, exec)
     }
 
     /// Rotary tables and mask of a whole-sequence pass.
-    fn decoder_inputs(&self, batch: &Batch) -> Result<(Tensor, Tensor, Option<Tensor>)> {
+    fn decoder_inputs(&self, batch: &Batch, exec: Exec) -> Result<(Rotary, Option<Tensor>)> {
         let t = batch.len();
-        let c = &self.config.text;
-        let (cos, sin) = mrope_cos_sin(&batch.positions, c.head_dim, c.rope_theta, &c.mrope_section, &self.device)?;
-        Ok((cos, sin, self.mask(&batch.pad, t, t)?))
+        let rotary = Rotary::new(&batch.positions, &self.config.text, self.dtype, &self.device, exec)?;
+        Ok((rotary, self.mask(&batch.pad, t, t)?))
     }
 
     /// Every linear layer (vision tower, merger, decoder) with its HF module name.
@@ -213,8 +213,8 @@ impl Qwen25Vl {
         loss_of: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
     ) -> Result<(Tensor, f64, GradStore)> {
         let embeds = self.embed(batch, Exec::Train)?;
-        let (cos, sin, mask) = self.decoder_inputs(batch)?;
-        let step = Step { cos: &cos, sin: &sin, mask: mask.as_ref() };
+        let (rotary, mask) = self.decoder_inputs(batch, Exec::Train)?;
+        let step = Step { rotary: &rotary, mask: mask.as_ref() };
         let mut inputs = vec![embeds.detach()];
         for i in 0..self.text.num_layers() {
             let y = self.text.layer(i, &inputs[i], &step, Exec::Train)?.detach();
@@ -260,17 +260,15 @@ impl Qwen25Vl {
         token_logprobs(&selected, &self.text.lm_head, &targets, LOGPROB_VOCAB_CHUNK)
     }
 
-    /// One decoding step: `ids` `[B]` at `positions` (per row), keys masked before `pad[row]`.
-    /// Returns logits `[B, V]` in f32.
-    pub fn decode_step(&self, ids: &[u32], positions: &[i64], pad: &[usize], cache: &mut KvCache) -> Result<Tensor> {
+    /// One decoding step of the rows of `cache`: `ids` `[N·K]` at `positions` (per row).
+    /// Returns logits `[N·K, V]` in f32.
+    pub fn decode_step(&self, ids: &[u32], positions: &[i64], cache: &mut GroupCache) -> Result<Tensor> {
         let b = ids.len();
         let x = self.text.embed(&Tensor::from_slice(ids, (b, 1), &self.device)?)?.to_dtype(self.dtype)?;
         let pos: Vec<Vec<[i64; 3]>> = positions.iter().map(|&p| vec![[p; 3]]).collect();
-        let c = &self.config.text;
-        let (cos, sin) = mrope_cos_sin(&pos, c.head_dim, c.rope_theta, &c.mrope_section, &self.device)?;
-        let mask = self.mask(pad, 1, cache.len() + 1)?;
-        let step = Step { cos: &cos, sin: &sin, mask: mask.as_ref() };
-        let h = self.text.forward(&x, &step, Some(cache), Exec::Infer)?;
+        let rotary = Rotary::new(&pos, &self.config.text, self.dtype, &self.device, Exec::Infer)?;
+        let step = Step { rotary: &rotary, mask: None };
+        let h = self.text.decode(&x, &step, cache)?;
         self.logits(&h.squeeze(1)?)
     }
 

@@ -111,8 +111,9 @@ impl CustomOp2 for FrozenWeightGrad {
 /// RMSNorm computed in f32 and cast back before the weight, as transformers does.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64, exec: Exec) -> Result<Tensor> {
     let dtype = x.dtype();
-    if exec == Exec::Infer && dtype == DType::F32 {
-        return Ok(candle_nn::ops::rms_norm(x, weight, eps as f32)?);
+    if exec == Exec::Infer {
+        // One kernel; in bf16 it rounds once where transformers rounds before and after the weight.
+        return Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &weight.to_dtype(dtype)?, eps as f32)?);
     }
     let xf = x.to_dtype(DType::F32)?;
     let var = xf.sqr()?.mean_keepdim(D::Minus1)?;

@@ -1,8 +1,11 @@
 //! Positions: the vision tower's 2-D rotary angles and window permutation, and the decoder's
-//! 3-axis M-RoPE position ids (`get_rope_index`) and cos/sin tables, computed on the host.
+//! 3-axis M-RoPE position ids (`get_rope_index`) and cos/sin tables, computed on the host, and
+//! the decoder's rotation with them.
 
-use candle_core::{Device, Tensor};
+use candle_core::{D, DType, Device, Tensor};
 
+use crate::config::TextConfig;
+use crate::nn::{Exec, apply_rotary};
 use crate::{Error, Result};
 
 /// Image grid in patches: (t, h, w).
@@ -149,8 +152,9 @@ pub fn rope_index(ids: &[u32], grids: &[Grid], image_token_id: u32, merge: usize
     Ok((pos, max + 1 - ids.len() as i64))
 }
 
-/// M-RoPE cos and sin `[B, 1, T, head_dim]` from position ids `positions[b][t] = [t, h, w]`:
-/// frequency j of the half dimension comes from the axis whose `mrope_section` holds j.
+/// M-RoPE cos and sin half tables `[B, T, head_dim / 2]` from position ids
+/// `positions[b][t] = [t, h, w]`: frequency j comes from the axis whose `mrope_section` holds j.
+/// (The full tables of transformers repeat the half twice.)
 pub fn mrope_cos_sin(positions: &[Vec<[i64; 3]>], head_dim: usize, theta: f64, section: &[usize], device: &Device) -> Result<(Tensor, Tensor)> {
     let freqs = inv_freq(head_dim, theta);
     let half = freqs.len();
@@ -161,18 +165,50 @@ pub fn mrope_cos_sin(positions: &[Vec<[i64; 3]>], head_dim: usize, theta: f64, s
     axis_of.resize(half, 0);
     let b = positions.len();
     let t = positions.first().map_or(0, |p| p.len());
-    let mut cos = Vec::with_capacity(b * t * head_dim);
-    let mut sin = Vec::with_capacity(b * t * head_dim);
+    let mut cos = Vec::with_capacity(b * t * half);
+    let mut sin = Vec::with_capacity(b * t * half);
     for row in positions {
         for p in row {
-            let angles: Vec<f32> = (0..half).map(|j| p[axis_of[j]] as f32 * freqs[j]).collect();
-            for _ in 0..2 {
-                cos.extend(angles.iter().map(|a| a.cos()));
-                sin.extend(angles.iter().map(|a| a.sin()));
+            for j in 0..half {
+                let angle = p[axis_of[j]] as f32 * freqs[j];
+                cos.push(angle.cos());
+                sin.push(angle.sin());
             }
         }
     }
-    Ok((Tensor::from_vec(cos, (b, 1, t, head_dim), device)?, Tensor::from_vec(sin, (b, 1, t, head_dim), device)?))
+    Ok((Tensor::from_vec(cos, (b, t, half), device)?, Tensor::from_vec(sin, (b, t, half), device)?))
+}
+
+/// The decoder's rotary tables for one pass, built once on the device in the compute dtype and
+/// shared by every layer.
+pub struct Rotary {
+    cos: Tensor,
+    sin: Tensor,
+    exec: Exec,
+}
+
+impl Rotary {
+    /// Tables for `positions` (see [`mrope_cos_sin`]); `Infer` keeps the half tables `[B, T, D/2]`
+    /// for candle's fused kernel, `Train` the full `[B, 1, T, D]` ones for differentiable ops.
+    pub fn new(positions: &[Vec<[i64; 3]>], config: &TextConfig, dtype: DType, device: &Device, exec: Exec) -> Result<Self> {
+        let (cos, sin) = mrope_cos_sin(positions, config.head_dim, config.rope_theta, &config.mrope_section, device)?;
+        let shape = |t: Tensor| -> Result<Tensor> {
+            let t = t.to_dtype(dtype)?;
+            Ok(match exec {
+                Exec::Infer => t,
+                Exec::Train => Tensor::cat(&[&t, &t], D::Minus1)?.unsqueeze(1)?,
+            })
+        };
+        Ok(Rotary { cos: shape(cos)?, sin: shape(sin)?, exec })
+    }
+
+    /// Rotates `x` `[B, heads, T, D]`; the result is contiguous.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        match self.exec {
+            Exec::Infer => Ok(candle_nn::rotary_emb::rope(&x.contiguous()?, &self.cos, &self.sin)?),
+            Exec::Train => Ok(apply_rotary(x, &self.cos, &self.sin)?.contiguous()?),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -184,23 +184,36 @@ impl Weights {
     }
 
     /// Random weights for `config` (normal with std 0.02, norms at one, biases at zero), seeded.
+    /// On a GPU the draws come from the device's own generator, so they differ from the CPU's.
     pub fn random(config: &Config, seed: u64, dtype: DType, device: &Device) -> Result<Self> {
         let mut rng = StdRng::seed_from_u64(seed);
+        if !device.is_cpu() {
+            // A 7B model's 8.3 G host-side normal draws take minutes; the device draws them at once.
+            device.set_seed(seed)?;
+        }
         let mut tensors = BTreeMap::new();
         for (name, shape) in expected_shapes(config) {
             let n: usize = shape.iter().product();
             // Every RMSNorm weight (norm1/norm2, *_layernorm, model.norm, merger ln_q) starts at one.
             let is_norm = name.ends_with("norm.weight") || name.ends_with("norm1.weight") || name.ends_with("norm2.weight") || name.ends_with("ln_q.weight");
-            let data: Vec<f32> = if is_norm {
-                vec![1.0; n]
+            let tensor = if is_norm {
+                Tensor::ones(shape, dtype, device)?
             } else if name.ends_with(".bias") {
-                vec![0.0; n]
+                Tensor::zeros(shape, dtype, device)?
+            } else if device.is_cpu() {
+                Tensor::from_vec((0..n).map(|_| standard_normal(&mut rng) * 0.02).collect::<Vec<f32>>(), shape, device)?.to_dtype(dtype)?
             } else {
-                (0..n).map(|_| standard_normal(&mut rng) * 0.02).collect()
+                Tensor::randn(0f32, 0.02, shape, device)?.to_dtype(dtype)?
             };
-            tensors.insert(name, Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?);
+            tensors.insert(name, tensor);
         }
         Ok(Weights { tensors, origin: HashMap::new() })
+    }
+
+    /// The same tensors in `dtype` on `device`.
+    pub fn to(&self, dtype: DType, device: &Device) -> Result<Self> {
+        let tensors = self.tensors.iter().map(|(k, t)| Ok((k.clone(), t.to_device(device)?.to_dtype(dtype)?))).collect::<Result<_>>()?;
+        Ok(Weights { tensors, origin: self.origin.clone() })
     }
 
     /// The tensor called `name` (legacy naming).

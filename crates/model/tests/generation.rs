@@ -3,7 +3,7 @@
 //! give the same tokens as each prompt alone.
 
 use candle_core::{DType, Device};
-use medrl_model::generate::{GenerationParams, Sampling};
+use medrl_model::generate::{Completion, GenerationParams, Request, Sampling, generate};
 use medrl_model::image::ProcessedImage;
 use medrl_model::model::Sequence;
 use medrl_model::nn::Exec;
@@ -71,5 +71,33 @@ fn batched_decoding_equals_one_prompt_at_a_time() -> R {
             }
         }
     }
+    Ok(())
+}
+
+#[test]
+fn prompts_asking_for_fewer_samples_get_the_same_samples() -> R {
+    let dir = tempfile::tempdir()?;
+    create_tiny(dir.path(), &TinySpec { seed: 7, ..TinySpec::default() })?;
+    let vlm = Vlm::load(dir.path(), DType::F32, &Device::Cpu)?;
+    let ps = prompts(&vlm)?;
+    let params = GenerationParams { sampling: Sampling::Random { temperature: 1.0, top_p: 1.0, top_k: 0 }, max_new_tokens: 9, seed: 4 };
+    // Many stop tokens: samples of one prompt stop at different steps.
+    let stops: Vec<u32> = (0..vlm.model.config.text.vocab_size as u32).step_by(4).collect();
+    let run = |counts: [usize; 3]| {
+        let requests: Vec<Request<'_>> = ps.iter().zip(counts).map(|(p, num_samples)| Request { prompt: &p.ids, images: &p.images, num_samples }).collect();
+        generate(&vlm.model, &requests, &params, &stops, vlm.pad_id)
+    };
+    let all = run([3, 3, 3])?;
+    let some = run([3, 1, 0])?;
+    // Same tokens; log-probs equal up to the float noise of a different batch shape.
+    let same = |a: &[Completion], b: &[Completion]| {
+        a.len() == b.len()
+            && a.iter().zip(b).all(|(x, y)| x.token_ids == y.token_ids && x.stopped == y.stopped && x.logprobs.iter().zip(&y.logprobs).all(|(u, v)| (u - v).abs() < 1e-5))
+    };
+    assert!(same(&some[0], &all[0]), "{:?} vs {:?}", some[0], all[0]);
+    assert!(same(&some[1], &all[1][..1]), "{:?} vs {:?}", some[1], all[1]);
+    assert!(some[2].is_empty());
+    let lengths: Vec<Vec<usize>> = all.iter().map(|g| g.iter().map(|c| c.token_ids.len()).collect()).collect();
+    assert!(lengths.iter().any(|g| g.iter().any(|&n| n != g[0])), "no prompt had samples of different lengths: {lengths:?}");
     Ok(())
 }
