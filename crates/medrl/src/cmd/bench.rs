@@ -28,6 +28,45 @@ pub enum Bench {
     WeightSync(WeightSyncArgs),
     /// Coordinator: leases/s and lease latency under simulated workers on loopback.
     Coordinator(super::bench_coordinator::CoordinatorArgs),
+    /// Parity: log-probs on a device and dtype against the CPU in f32, same random weights.
+    Parity(super::bench_parity::ParityArgs),
+}
+
+/// A model with random weights: any `config.json`, optionally cut to its first layers.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RandomModelArgs {
+    /// A `config.json` to instantiate with random weights (e.g. configs/models/qwen2.5-vl-7b.json);
+    /// the tiny model without it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Keep only the first N decoder layers and N vision blocks: a few-layer stack of a big shape.
+    #[arg(long)]
+    pub layers: Option<usize>,
+}
+
+impl RandomModelArgs {
+    /// The config to instantiate.
+    pub fn config(&self) -> Result<Config> {
+        let mut config = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                Config::from_json_str(&text, path)?
+            }
+            None => {
+                let dir = tempfile::tempdir()?;
+                create_tiny(dir.path(), &TinySpec::default())?
+            }
+        };
+        if let Some(n) = self.layers {
+            if n == 0 {
+                bail!("--layers 0: expected at least one layer");
+            }
+            config.text.num_hidden_layers = config.text.num_hidden_layers.min(n);
+            config.vision.depth = config.vision.depth.min(n);
+            config.vision.fullatt_block_indexes.retain(|&i| i < n);
+        }
+        Ok(config)
+    }
 }
 
 /// Arguments of `medrl bench weight-sync`.
@@ -44,9 +83,8 @@ pub struct WeightSyncArgs {
 /// Arguments of `medrl bench learner`.
 #[derive(clap::Args, Debug)]
 pub struct LearnerArgs {
-    /// A `config.json` to instantiate with random weights; the tiny model without it.
-    #[arg(long)]
-    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub model: RandomModelArgs,
     /// Sequences per step (one micro-batch).
     #[arg(long, default_value_t = 8)]
     pub sequences: usize,
@@ -65,6 +103,10 @@ pub struct LearnerArgs {
     /// Recompute each decoder layer in the backward pass.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub checkpointing: bool,
+    /// adamw: the whole step; none: forward + backward only (a full 7B AdamW state does not fit
+    /// one 80 GB GPU, see docs/memory.md).
+    #[arg(long, default_value = "adamw")]
+    pub optimizer: String,
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     #[command(flatten)]
@@ -74,14 +116,15 @@ pub struct LearnerArgs {
 /// Arguments of `medrl bench rollout`.
 #[derive(clap::Args, Debug)]
 pub struct RolloutArgs {
-    /// A model directory; without it and without --config, the tiny model with random weights.
-    #[arg(long)]
+    /// A model directory; without it, random weights (see --config).
+    #[arg(long, conflicts_with_all = ["config", "layers"])]
     pub model: Option<PathBuf>,
-    /// A `config.json` to instantiate with random weights (e.g. a 7B config, no weights needed).
-    #[arg(long, conflicts_with = "model")]
-    pub config: Option<PathBuf>,
-    #[arg(long, default_value_t = 1)]
-    pub prompts: usize,
+    #[command(flatten)]
+    pub random: RandomModelArgs,
+    /// Prompts per batch; a list (1,8,32) runs each batch size on the one loaded model and prints
+    /// a line for each.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub prompts: Vec<usize>,
     #[arg(long, default_value_t = 8)]
     pub samples: usize,
     /// Text tokens per prompt besides the image.
@@ -106,6 +149,7 @@ pub fn run(b: Bench) -> Result<()> {
         Bench::Learner(a) => learner(a),
         Bench::Coordinator(a) => super::bench_coordinator::run(a),
         Bench::WeightSync(a) => weight_sync(a),
+        Bench::Parity(a) => super::bench_parity::run(a),
     }
 }
 
@@ -114,26 +158,13 @@ fn load_model(a: &RolloutArgs) -> Result<Qwen25Vl> {
     if let Some(dir) = &a.model {
         return Qwen25Vl::load(dir, dtype, &device).with_context(|| format!("loading {}", dir.display()));
     }
-    let config = bench_config(a.config.as_deref())?;
+    let config = a.random.config()?;
     let weights = Weights::random(&config, 0, dtype, &device)?;
     Ok(Qwen25Vl::new(config, &weights, dtype, &device)?)
 }
 
-/// The config of `path`, or the tiny model's.
-fn bench_config(path: Option<&std::path::Path>) -> Result<Config> {
-    Ok(match path {
-        Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            Config::from_json_str(&text, path)?
-        }
-        None => {
-            let dir = tempfile::tempdir()?;
-            create_tiny(dir.path(), &TinySpec::default())?
-        }
-    })
-}
-
-fn synthetic_prompt(model: &Qwen25Vl, image_size: usize, prompt_tokens: usize, rng: &mut StdRng) -> Result<(Vec<u32>, Vec<ProcessedImage>)> {
+/// A prompt of one random square image and `prompt_tokens` random ordinary tokens.
+pub(crate) fn synthetic_prompt(model: &Qwen25Vl, image_size: usize, prompt_tokens: usize, rng: &mut StdRng) -> Result<(Vec<u32>, Vec<ProcessedImage>)> {
     let c = &model.config;
     let mut ids: Vec<u32> = Vec::new();
     let mut images = Vec::new();
@@ -155,7 +186,8 @@ fn synthetic_prompt(model: &Qwen25Vl, image_size: usize, prompt_tokens: usize, r
     Ok((ids, images))
 }
 
-fn peak_rss_bytes() -> Option<u64> {
+/// Peak resident memory of this process (VmHWM).
+pub(crate) fn peak_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
@@ -163,8 +195,15 @@ fn peak_rss_bytes() -> Option<u64> {
 
 fn rollout(a: RolloutArgs) -> Result<()> {
     let model = load_model(&a)?;
+    for &prompts in &a.prompts {
+        rollout_batch(&model, &a, prompts)?;
+    }
+    Ok(())
+}
+
+fn rollout_batch(model: &Qwen25Vl, a: &RolloutArgs, prompts: usize) -> Result<()> {
     let mut rng = StdRng::seed_from_u64(0);
-    let prompts: Vec<(Vec<u32>, Vec<ProcessedImage>)> = (0..a.prompts).map(|_| synthetic_prompt(&model, a.image_size, a.prompt_tokens, &mut rng)).collect::<Result<_>>()?;
+    let prompts: Vec<(Vec<u32>, Vec<ProcessedImage>)> = (0..prompts).map(|_| synthetic_prompt(model, a.image_size, a.prompt_tokens, &mut rng)).collect::<Result<_>>()?;
     let requests: Vec<Request<'_>> = prompts.iter().map(|(ids, images)| Request { prompt: ids, images, num_samples: a.samples }).collect();
     let params = GenerationParams { sampling: Sampling::Random { temperature: 1.0, top_p: 1.0, top_k: 0 }, max_new_tokens: a.new_tokens, seed: 0 };
     let prefill = || -> Result<f64> {
@@ -174,16 +213,17 @@ fn rollout(a: RolloutArgs) -> Result<()> {
             let mut cache = KvCache::default();
             model.forward_with_cache(&batch, Some(&mut cache), Exec::Infer)?;
         }
+        model.device().synchronize()?;
         Ok(start.elapsed().as_secs_f64())
     };
     for _ in 0..a.warmup {
         prefill()?;
         // No stop tokens: every sample runs to the token budget, so the work is fixed.
-        generate(&model, &requests, &GenerationParams { max_new_tokens: a.new_tokens.min(4), ..params }, &[], 0)?;
+        generate(model, &requests, &GenerationParams { max_new_tokens: a.new_tokens.min(4), ..params }, &[], 0)?;
     }
     let prefill_s = prefill()?;
     let start = Instant::now();
-    let outs = generate(&model, &requests, &params, &[], 0)?;
+    let outs = generate(model, &requests, &params, &[], 0)?;
     let total_s = start.elapsed().as_secs_f64();
     let generated: usize = outs.iter().flatten().map(|c| c.token_ids.len()).sum();
     let prompt_tokens: usize = prompts.iter().map(|(ids, _)| ids.len()).sum();
@@ -192,8 +232,9 @@ fn rollout(a: RolloutArgs) -> Result<()> {
         "bench": "rollout",
         "device": a.runtime.device,
         "dtype": a.runtime.dtype,
-        "parameters": model_parameters(&model),
-        "prompts": a.prompts,
+        "parameters": model_parameters(model),
+        "layers": model.config.text.num_hidden_layers,
+        "prompts": prompts.len(),
         "samples_per_prompt": a.samples,
         "prompt_tokens_each": prompts.first().map_or(0, |(ids, _)| ids.len()),
         "new_tokens": a.new_tokens,
@@ -226,11 +267,16 @@ fn learner(a: LearnerArgs) -> Result<()> {
         "lora" => Trainable::Lora,
         other => bail!("--trainable {other}: expected all, no_vision or lora"),
     };
-    let config = bench_config(a.config.as_deref())?;
+    let with_optimizer = match a.optimizer.as_str() {
+        "adamw" => true,
+        "none" => false,
+        other => bail!("--optimizer {other}: expected adamw or none"),
+    };
+    let config = a.model.config()?;
     let weights = Weights::random(&config, 0, dtype, &device)?;
     let cfg = LearnerConfig { trainable, ..LearnerConfig::default() };
     let (model, policy) = Policy::from_weights(config, weights, &cfg, dtype, &device)?;
-    let mut adamw = AdamW::new(policy.params.clone(), cfg.optimizer.adamw())?;
+    let mut adamw = if with_optimizer { Some(AdamW::new(policy.params.clone(), cfg.optimizer.adamw())?) } else { None };
     let vars = policy.vars();
     let mut rng = StdRng::seed_from_u64(0);
     let top = (model.config.vision_start_token_id as usize).min(model.config.text.vocab_size).max(2);
@@ -263,10 +309,13 @@ fn learner(a: LearnerArgs) -> Result<()> {
             let loss = loss_of(&lp)?;
             (lp, 0.0, loss.backward()?)
         };
-        let fwd_bwd = start.elapsed().as_secs_f64();
-        clip_grad_norm(&mut grads, &vars, 5.0)?;
-        adamw.step(&grads)?;
         device.synchronize()?;
+        let fwd_bwd = start.elapsed().as_secs_f64();
+        if let Some(adamw) = adamw.as_mut() {
+            clip_grad_norm(&mut grads, &vars, 5.0)?;
+            adamw.step(&grads)?;
+            device.synchronize()?;
+        }
         Ok((fwd_bwd, start.elapsed().as_secs_f64()))
     };
     for _ in 0..a.warmup {
@@ -282,6 +331,8 @@ fn learner(a: LearnerArgs) -> Result<()> {
         "trainable_parameters": vars.iter().map(|v| v.elem_count()).sum::<usize>(),
         "trainable": a.trainable,
         "checkpointing": a.checkpointing,
+        "optimizer": a.optimizer,
+        "layers": model.config.text.num_hidden_layers,
         "sequences": a.sequences,
         "tokens_per_sequence": batch.len(),
         "fwd_bwd_s": fwd_bwd_s,

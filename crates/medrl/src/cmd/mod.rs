@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod bench_coordinator;
+pub mod bench_parity;
 pub mod config;
 pub mod data;
 pub mod eval;
