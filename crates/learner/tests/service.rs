@@ -215,7 +215,7 @@ async fn learner_counts_trains_publishes_and_finishes() {
         // Version 0 is published at start and fetchable with its checksum.
         let (v0, blob0) = fetch(&learner, 0).await;
         assert_eq!(v0, 0);
-        assert_eq!(worker.state().await.published_sha256, medrl_weight_sync::sha256_hex(&blob0));
+        assert_eq!(worker.state().await.published_sha256, medrl_weight_sync::blob_digest(&blob0));
         let config = medrl_model::config::Config::load(&f.model).expect("config");
         medrl_weight_sync::decode_weights(&blob0, &config, DType::F32, &Device::Cpu).expect("v0 decodes");
 
@@ -243,7 +243,7 @@ async fn learner_counts_trains_publishes_and_finishes() {
         until("step 1 is complete", || learner.state().is_ok_and(|s| s.last_step.is_some())).await;
         let state = worker.state().await;
         assert_eq!(state.epoch_counts[0].trained, 2);
-        assert_eq!((state.published_version, state.published_sha256.clone()), (1, medrl_weight_sync::sha256_hex(&blob1)));
+        assert_eq!((state.published_version, state.published_sha256.clone()), (1, medrl_weight_sync::blob_digest(&blob1)));
         let status = learner.state().expect("state");
         assert_eq!((status.version, status.steps, status.buffered, status.consumed), (1, 1, 0, 2));
         let step = status.last_step.expect("a step summary");

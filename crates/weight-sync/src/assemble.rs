@@ -3,9 +3,9 @@
 
 use bytes::Bytes;
 use medrl_proto::v1::WeightChunk;
-use sha2::{Digest, Sha256};
 
 use crate::codec::FORMAT;
+use crate::digest::PieceHasher;
 use crate::error::{Result, WeightSyncError};
 
 /// A completely received and verified blob.
@@ -13,7 +13,7 @@ use crate::error::{Result, WeightSyncError};
 pub struct FetchedWeights {
     /// Policy version of the blob.
     pub version: u64,
-    /// Lowercase hex sha256, verified against the bytes.
+    /// Lowercase hex digest ([`crate::digest`]), verified against the bytes.
     pub sha256: String,
     /// The blob.
     pub blob: Bytes,
@@ -35,14 +35,14 @@ pub struct Assembler {
     max_total_bytes: u64,
     header: Option<Header>,
     buf: Vec<u8>,
-    hasher: Sha256,
+    hasher: PieceHasher,
     chunks: usize,
 }
 
 impl Assembler {
     /// Expects a version `>= min_version` of at most `max_total_bytes` bytes.
     pub fn new(min_version: u64, max_total_bytes: u64) -> Self {
-        Assembler { min_version, max_total_bytes, header: None, buf: Vec::new(), hasher: Sha256::new(), chunks: 0 }
+        Assembler { min_version, max_total_bytes, header: None, buf: Vec::new(), hasher: PieceHasher::new(), chunks: 0 }
     }
 
     /// Bytes received so far.
@@ -94,8 +94,8 @@ impl Assembler {
         if chunk.data.is_empty() && total > 0 {
             return Err(bad("an empty chunk in a non-empty blob".into()));
         }
-        self.hasher.update(&chunk.data);
         self.buf.extend_from_slice(&chunk.data);
+        self.hasher.update(chunk.data);
         self.chunks += 1;
         Ok(())
     }
@@ -109,7 +109,7 @@ impl Assembler {
         if received != header.total {
             return Err(WeightSyncError::Truncated { version: header.version, received, total: header.total });
         }
-        let actual = hex::encode(self.hasher.finalize());
+        let actual = self.hasher.finish();
         if actual != header.sha256 {
             return Err(WeightSyncError::Checksum { version: header.version, expected: header.sha256, actual });
         }
@@ -120,7 +120,7 @@ impl Assembler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::publisher::sha256_hex;
+    use crate::digest::blob_digest as sha256_hex;
 
     fn chunk(version: u64, offset: u64, data: &'static [u8], blob: &[u8]) -> WeightChunk {
         WeightChunk {

@@ -30,19 +30,33 @@ fn pseudo_random_blob(size: usize, seed: u64) -> Bytes {
     Bytes::from(out)
 }
 
-/// Publishes a `size_bytes` blob on a loopback server with `chunk_bytes` chunks, fetches it once
-/// with a fresh client, and returns the throughput in GB/s (10^9 bytes per second).
-pub async fn bench_loopback(size_bytes: usize, chunk_bytes: usize) -> Result<f64> {
+/// What one loopback transfer measured.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoopbackReport {
+    /// Seconds to publish the blob (its digest, on all cores).
+    pub publish_s: f64,
+    /// Seconds from asking for the version to holding the verified blob.
+    pub fetch_s: f64,
+    /// Fetch throughput in GB/s (10^9 bytes per second).
+    pub gb_per_s: f64,
+}
+
+/// Publishes a `size_bytes` blob on a loopback server with `chunk_bytes` chunks and fetches it
+/// once with a fresh client.
+pub async fn bench_loopback(size_bytes: usize, chunk_bytes: usize) -> Result<LoopbackReport> {
     let span = tracing::info_span!("bench_loopback", size_bytes, chunk_bytes);
     run(size_bytes, chunk_bytes).instrument(span).await
 }
 
-async fn run(size_bytes: usize, chunk_bytes: usize) -> Result<f64> {
+async fn run(size_bytes: usize, chunk_bytes: usize) -> Result<LoopbackReport> {
     if size_bytes == 0 {
         return Err(WeightSyncError::Config { field: "size_bytes", problem: "must be at least 1".into() });
     }
     let publisher = WeightPublisher::new(PublisherOptions { chunk_bytes, ..PublisherOptions::default() })?;
-    publisher.publish(1, pseudo_random_blob(size_bytes, 7))?;
+    let blob = pseudo_random_blob(size_bytes, 7);
+    let started = Instant::now();
+    publisher.publish(1, blob)?;
+    let publish_s = started.elapsed().as_secs_f64();
     let (listener, addr) = bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let server = GrpcServer::new(&ServerOptions::default())?.with_weights(publisher);
     let (stop, stopped) = oneshot::channel::<()>();
@@ -69,8 +83,8 @@ async fn run(size_bytes: usize, chunk_bytes: usize) -> Result<f64> {
         return Err(WeightSyncError::Truncated { version: fetched.version, received: fetched.blob.len() as u64, total: size_bytes as u64 });
     }
     let gb_per_s = size_bytes as f64 / secs.max(1e-9) / 1e9;
-    tracing::info!(seconds = secs, gb_per_s, "loopback weight transfer");
-    Ok(gb_per_s)
+    tracing::info!(publish_s, seconds = secs, gb_per_s, "loopback weight transfer");
+    Ok(LoopbackReport { publish_s, fetch_s: secs, gb_per_s })
 }
 
 #[cfg(test)]

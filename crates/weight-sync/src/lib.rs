@@ -3,7 +3,7 @@
 //! - [`encode_weights`] / [`decode_weights`]: a model's weights as one safetensors blob (legacy HF
 //!   names), checked against the config on the way in.
 //! - [`WeightPublisher`]: the learner publishes each version's blob; it serves `medrl.v1.Weights`,
-//!   streaming the newest version in chunks that carry version, offset, size and sha256.
+//!   streaming the newest version in chunks that carry version, offset, size and digest ([`digest`]).
 //! - [`fetch_weights`]: a worker reassembles and verifies a version; a half or corrupt transfer
 //!   is an error and is never returned.
 //! - [`bench_loopback`]: loopback GB/s of the stream.
@@ -15,14 +15,16 @@ pub mod assemble;
 pub mod bench;
 pub mod client;
 pub mod codec;
+pub mod digest;
 pub mod error;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod publisher;
 
 pub use assemble::{Assembler, FetchedWeights};
-pub use bench::bench_loopback;
+pub use bench::{LoopbackReport, bench_loopback};
 pub use client::{FetchOptions, fetch_weights, fetch_weights_with};
 pub use codec::{FORMAT, decode_weights, encode_weights};
 pub use error::{Result, WeightSyncError};
-pub use publisher::{PublishedWeights, PublisherOptions, WeightPublisher, sha256_hex};
+pub use digest::{blob_digest, sha256_hex};
+pub use publisher::{PublishedWeights, PublisherOptions, WeightPublisher};

@@ -9,13 +9,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use medrl_proto::v1::weights_server::Weights;
 use medrl_proto::v1::{FetchWeightsRequest, GetWeightInfoRequest, WeightChunk, WeightInfo};
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::codec::FORMAT;
+use crate::digest::blob_digest;
 use crate::error::{Result, WeightSyncError};
 
 /// Largest chunk allowed: the default gRPC message limit (64 MiB) less room for the other fields.
@@ -56,7 +56,7 @@ impl PublisherOptions {
 pub struct PublishedWeights {
     /// Policy version.
     pub version: u64,
-    /// Lowercase hex sha256 of `blob`.
+    /// Lowercase hex digest of `blob` ([`crate::digest`]).
     pub sha256: String,
     /// Blob format ([`FORMAT`]).
     pub format: String,
@@ -85,11 +85,6 @@ impl std::fmt::Debug for WeightPublisher {
     }
 }
 
-/// Lowercase hex sha256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
-
 impl WeightPublisher {
     /// A publisher with nothing published yet.
     pub fn new(options: PublisherOptions) -> Result<Self> {
@@ -108,7 +103,7 @@ impl WeightPublisher {
     pub fn publish(&self, version: u64, blob: Bytes) -> Result<Arc<PublishedWeights>> {
         let _span = tracing::info_span!("publish_weights", version, bytes = blob.len()).entered();
         // Hash outside the swap: it is the slow part and needs no lock.
-        let sha256 = sha256_hex(&blob);
+        let sha256 = blob_digest(&blob);
         let new = Arc::new(PublishedWeights { version, sha256, format: FORMAT.to_string(), blob });
         let mut refused = None;
         let mut result = new.clone();
@@ -243,18 +238,18 @@ mod tests {
         assert!(p.publish(0, Bytes::from_static(b"zero")).is_err());
         p.publish(3, Bytes::from_static(b"three"))?;
         let current = p.current().expect("published");
-        assert_eq!((current.version, current.sha256.as_str()), (3, sha256_hex(b"three").as_str()));
+        assert_eq!((current.version, current.sha256.as_str()), (3, blob_digest(b"three").as_str()));
         Ok(())
     }
 
     #[test]
     fn chunks_cover_the_blob_in_order() {
-        let weights = Arc::new(PublishedWeights { version: 2, sha256: sha256_hex(b"abcdefghij"), format: FORMAT.into(), blob: Bytes::from_static(b"abcdefghij") });
+        let weights = Arc::new(PublishedWeights { version: 2, sha256: blob_digest(b"abcdefghij"), format: FORMAT.into(), blob: Bytes::from_static(b"abcdefghij") });
         let chunks: Vec<WeightChunk> = Chunks { weights: weights.clone(), chunk_bytes: 4, offset: 0, started: false }.map(|c| c.expect("ok")).collect();
         assert_eq!(chunks.iter().map(|c| c.offset).collect::<Vec<_>>(), vec![0, 4, 8]);
         assert_eq!(chunks.iter().map(|c| c.data.len()).collect::<Vec<_>>(), vec![4, 4, 2]);
         assert!(chunks.iter().all(|c| c.total_size == 10 && c.version == 2 && c.sha256 == weights.sha256));
-        let empty = Arc::new(PublishedWeights { version: 0, sha256: sha256_hex(b""), format: FORMAT.into(), blob: Bytes::new() });
+        let empty = Arc::new(PublishedWeights { version: 0, sha256: blob_digest(b""), format: FORMAT.into(), blob: Bytes::new() });
         assert_eq!(Chunks { weights: empty, chunk_bytes: 4, offset: 0, started: false }.count(), 1);
         assert!(WeightPublisher::new(PublisherOptions { chunk_bytes: 0, ..Default::default() }).is_err());
     }

@@ -347,7 +347,16 @@ fn learner(a: LearnerArgs) -> Result<()> {
 
 fn weight_sync(a: WeightSyncArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let gbps = runtime.block_on(medrl_weight_sync::bench_loopback(a.mib << 20, a.chunk_kib << 10))?;
-    println!("{}", serde_json::json!({"bench": "weight-sync", "transport": "grpc", "bytes": a.mib << 20, "chunk_bytes": a.chunk_kib << 10, "gb_per_s": gbps}));
+    let r = runtime.block_on(medrl_weight_sync::bench_loopback(a.mib << 20, a.chunk_kib << 10))?;
+    let report = serde_json::json!({
+        "bench": "weight-sync",
+        "transport": "grpc",
+        "bytes": a.mib << 20,
+        "chunk_bytes": a.chunk_kib << 10,
+        "publish_s": r.publish_s,
+        "fetch_s": r.fetch_s,
+        "gb_per_s": r.gb_per_s,
+    });
+    println!("{report}");
     Ok(())
 }

@@ -34,7 +34,6 @@ use medrl_proto::{ClientOptions, connect};
 use medrl_rollout::{RolloutConfig, WorkerSettings, WorkerTuning};
 use medrl_vqa::VqaRecord;
 use medrl_vqa::synthetic::{SyntheticSpec, write_synthetic};
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -137,7 +136,7 @@ pub async fn report_trained(client: &mut CoordinatorClient<AuthedChannel>, promp
 /// Tells the coordinator a version is live.
 pub async fn publish_version(client: &mut CoordinatorClient<AuthedChannel>, version: u64, blob: &[u8]) {
     client
-        .publish_version(PublishVersionRequest { version, sha256: hex::encode(Sha256::digest(blob)), format: "safetensors".into() })
+        .publish_version(PublishVersionRequest { version, sha256: medrl_weight_sync::blob_digest(blob), format: "safetensors".into() })
         .await
         .expect("publish");
 }
@@ -257,7 +256,7 @@ impl WeightsService for FakeLearner {
             return Err(Status::unavailable(format!("fake learner: no version >= {min}")));
         };
         self.0.fetches.lock().expect("lock").push(version);
-        let sha256 = hex::encode(Sha256::digest(&blob));
+        let sha256 = medrl_weight_sync::blob_digest(&blob);
         let corrupt = self.0.corrupt_next_fetches.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
         let chunk_bytes = 64 * 1024;
         let mut chunks = Vec::new();
@@ -284,7 +283,7 @@ impl WeightsService for FakeLearner {
     async fn get_weight_info(&self, _request: Request<GetWeightInfoRequest>) -> Result<Response<WeightInfo>, Status> {
         let newest = self.0.blobs.lock().expect("lock").iter().next_back().map(|(v, b)| (*v, b.clone()));
         let (version, blob) = newest.ok_or_else(|| Status::not_found("nothing published"))?;
-        Ok(Response::new(WeightInfo { version, total_size: blob.len() as u64, sha256: hex::encode(Sha256::digest(&blob)), format: "safetensors".into() }))
+        Ok(Response::new(WeightInfo { version, total_size: blob.len() as u64, sha256: medrl_weight_sync::blob_digest(&blob), format: "safetensors".into() }))
     }
 }
 
