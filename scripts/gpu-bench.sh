@@ -90,12 +90,12 @@ CUDA=(--device cuda --dtype bf16)
 # check pays for it.
 step parity-tiny 60 bench parity "${CUDA[@]}"
 step parity-tiny-f32 30 bench parity --device cuda --dtype f32
-step parity-7b-2layers 90 bench parity --config "$SEVEN_B" --layers 2 "${CUDA[@]}"
+step parity-7b-2layers 120 bench parity --config "$SEVEN_B" --layers 2 "${CUDA[@]}"
 if [[ $QUICK == 1 ]]; then
   step rollout-7b-1x8-short 120 bench rollout --config "$SEVEN_B" "${CUDA[@]}" --prompts 1 --samples 8 --image-size 448 --prompt-tokens 115 --new-tokens 64
 else
   # Issue 9's shapes: one 448x448 image (256 tokens) + 115 text tokens, 512 sampled tokens.
-  step rollout-7b 210 bench rollout --config "$SEVEN_B" "${CUDA[@]}" --prompts 1,8,32 --samples 8 --image-size 448 --prompt-tokens 115 --new-tokens 512
+  step rollout-7b 180 bench rollout --config "$SEVEN_B" "${CUDA[@]}" --prompts 1,8,32 --samples 8 --image-size 448 --prompt-tokens 115 --new-tokens 512
   step learner-7b 120 bench learner --config "$SEVEN_B" "${CUDA[@]}" --sequences 8 --image-size 448 --prompt-tokens 115 --completion-tokens 512 --optimizer none
   step weight-sync 60 bench weight-sync --mib 4096
 fi
