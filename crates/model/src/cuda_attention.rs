@@ -1,10 +1,8 @@
 //! The fused decode-attention kernel (`kernels/decode_attention.cu`, built to PTX by `build.rs` in
 //! CUDA builds): one launch per layer and step instead of candle's ~16 ops of
 //! [`GroupCache::attend`](crate::group_cache::GroupCache), f32 accumulation in every dtype.
-//! `MEDRL_DECODE_ATTENTION=ops` turns it off (the candle-ops path, for A/B measurements).
+//! `MEDRL_DECODE_ATTENTION=ops` turns it off ([`crate::group_cache::decode_attention_kind`]).
 #![allow(unsafe_code)] // kernel launches and uninitialised device buffers are FFI.
-
-use std::sync::OnceLock;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -16,20 +14,15 @@ const THREADS: u32 = 128;
 /// Shared memory a block may use without opting in.
 const SHARED_LIMIT: usize = 48 * 1024;
 
-fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("MEDRL_DECODE_ATTENTION").map_or(true, |v| v != "ops"))
-}
-
 /// Attention of one new token per row (`q` `[rows, H, 1, D]`) over the prompt keys `prefix`
 /// `[N, Hkv, P, D]` (positions below `pads[n]` masked) and the first `len` positions of the
 /// row's own `suffix` buffers `[rows, Hkv, C, D]`; `None` where the kernel does not apply (not
-/// CUDA, an unsupported dtype, too long a context for shared memory, or turned off).
+/// CUDA, an unsupported dtype, or too long a context for shared memory).
 pub(crate) fn decode_attention(q: &Tensor, prefix: (&Tensor, &Tensor), suffix: (&Tensor, &Tensor), pads: &Tensor, samples: usize, len: usize) -> crate::Result<Option<Tensor>> {
     let (rows, heads, one, dim) = q.dims4()?;
     let prefix_len = prefix.0.dim(2)?;
     let shared = (dim + prefix_len + len + 32) * 4;
-    if !q.device().is_cuda() || !enabled() || one != 1 || !matches!(q.dtype(), DType::F32 | DType::BF16 | DType::F16) || shared > SHARED_LIMIT {
+    if !q.device().is_cuda() || one != 1 || !matches!(q.dtype(), DType::F32 | DType::BF16 | DType::F16) || shared > SHARED_LIMIT {
         return Ok(None);
     }
     let op = DecodeAttention {

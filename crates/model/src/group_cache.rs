@@ -3,12 +3,27 @@
 //! sampled tokens' keys and values go into buffers sized for the whole token budget up front, so
 //! a step writes one position in place instead of concatenating (copying) the cache.
 
-use candle_core::{D, Tensor};
+use std::sync::OnceLock;
+
+use candle_core::{D, Device, Tensor};
 
 use crate::decoder::KvCache;
 use crate::nn::{Exec, MASKED, softmax_f32};
 use crate::vision::index_tensor;
 use crate::{Error, Result};
+
+/// False when `MEDRL_DECODE_ATTENTION=ops` asks for candle ops instead of the fused kernel (an
+/// A/B measurement, or a fallback).
+fn fused_attention_wanted() -> bool {
+    static WANTED: OnceLock<bool> = OnceLock::new();
+    *WANTED.get_or_init(|| std::env::var("MEDRL_DECODE_ATTENTION").map_or(true, |v| v != "ops"))
+}
+
+/// The attention a decoding step runs on `device`: `fused-cuda` (the kernel of
+/// `kernels/decode_attention.cu`, for contexts that fit its shared memory) or `candle-ops`.
+pub fn decode_attention_kind(device: &Device) -> &'static str {
+    if cfg!(feature = "cuda") && device.is_cuda() && fused_attention_wanted() { "fused-cuda" } else { "candle-ops" }
+}
 
 /// Keys and values of `N` prompts × `K` sample rows; rows are prompt-major (`row = n·K + k`).
 #[derive(Debug)]
@@ -105,7 +120,9 @@ impl GroupCache {
         sv.slice_set(&v.contiguous()?, 2, self.len)?;
         let s = self.len + 1;
         #[cfg(feature = "cuda")]
-        if let Some(out) = crate::cuda_attention::decode_attention(q, (pk, pv), (sk, sv), &self.pads, samples, s)? {
+        if fused_attention_wanted()
+            && let Some(out) = crate::cuda_attention::decode_attention(q, (pk, pv), (sk, sv), &self.pads, samples, s)?
+        {
             return Ok(out);
         }
         let (sk, sv) = (sk.narrow(2, 0, s)?, sv.narrow(2, 0, s)?);

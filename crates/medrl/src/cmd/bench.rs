@@ -234,6 +234,7 @@ fn rollout_batch(model: &Qwen25Vl, a: &RolloutArgs, prompts: usize) -> Result<()
         "dtype": a.runtime.dtype,
         "parameters": model_parameters(model),
         "layers": model.config.text.num_hidden_layers,
+        "decode_attention": medrl_model::group_cache::decode_attention_kind(model.device()),
         "prompts": prompts.len(),
         "samples_per_prompt": a.samples,
         "prompt_tokens_each": prompts.first().map_or(0, |(ids, _)| ids.len()),

@@ -1,7 +1,8 @@
 //! `medrl bench parity`: log-probs of one set of random weights computed on a device and dtype
 //! (e.g. `--device cuda --dtype bf16`) against the CPU in f32: the teacher-forced forward in both
-//! execution paths, and the decode path (prefix-shared KV cache, on-device sampling) of sampled
-//! completions. Prints one JSON line; exits non-zero when a difference exceeds the tolerance.
+//! execution paths, and the decode path (prefix-shared KV cache, on-device sampling and greedy
+//! picks) of completions made on the device. Prints one JSON line; exits non-zero when a
+//! difference exceeds the tolerance.
 
 use anyhow::{Result, bail};
 use candle_core::{DType, Device};
@@ -88,15 +89,18 @@ pub fn run(a: ParityArgs) -> Result<()> {
     let train = max_abs_diff(&span_logprobs(&tested, &forced, Exec::Train)?, &want)?;
     let infer = max_abs_diff(&span_logprobs(&tested, &forced, Exec::Infer)?, &want)?;
 
-    // The decode path: sample on the tested device, score the same tokens on the reference.
+    // The decode path: two sampled completions and a greedy one on the tested device, their
+    // tokens scored on the reference.
     let first = &prompts[0];
-    let params = GenerationParams { sampling: Sampling::Random { temperature: 1.0, top_p: 1.0, top_k: 0 }, max_new_tokens: a.completion_tokens, seed: 3 };
-    let outs = generate(&tested, &[Request { prompt: &first.ids, images: &first.images, num_samples: 2 }], &params, &[], 0)?;
     let mut sampled = Vec::new();
     let mut decoded = Vec::new();
-    for c in outs.into_iter().flatten() {
-        sampled.push(([first.ids.as_slice(), &c.token_ids].concat(), first.images.as_slice(), first.ids.len()));
-        decoded.extend(c.logprobs);
+    for (sampling, num_samples) in [(Sampling::Random { temperature: 1.0, top_p: 1.0, top_k: 0 }, 2), (Sampling::Greedy, 1)] {
+        let params = GenerationParams { sampling, max_new_tokens: a.completion_tokens, seed: 3 };
+        let request = Request { prompt: &first.ids, images: &first.images, num_samples };
+        for c in generate(&tested, &[request], &params, &[], 0)?.into_iter().flatten() {
+            sampled.push(([first.ids.as_slice(), &c.token_ids].concat(), first.images.as_slice(), first.ids.len()));
+            decoded.extend(c.logprobs);
+        }
     }
     let decode = max_abs_diff(&decoded, &span_logprobs(&reference, &sampled, Exec::Train)?)?;
     tested.device().synchronize()?;
