@@ -71,16 +71,6 @@ impl GroupCache {
         self.prefix.first().map_or(0, |(k, _)| k.dim(0).unwrap_or(0))
     }
 
-    /// Tokens decoded so far.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// True before the first decoding step.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// Keeps only the listed prompts (indices into the current batch) and their rows, in order.
     pub fn keep_prompts(&mut self, keep: &[usize]) -> Result<()> {
         let device = match self.prefix.first() {

@@ -22,14 +22,19 @@ pub fn token_logprobs(hidden: &Tensor, weight: &Tensor, targets: &Tensor, chunk:
     Ok(hidden.apply_op3(weight, &value, op)?)
 }
 
+/// `log Σ exp(x)` over the last dimension, kept as `[.., 1]`.
+pub(crate) fn log_sum_exp(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?;
+    Ok((x.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?)
+}
+
 fn chunked_logsumexp(h: &Tensor, w: &Tensor, vocab: usize, chunk: usize) -> Result<Tensor> {
     let mut lse: Option<Tensor> = None;
     let mut start = 0;
     while start < vocab {
         let len = chunk.min(vocab - start);
         let logits = h.matmul(&w.narrow(0, start, len)?.t()?)?.to_dtype(DType::F32)?;
-        let max = logits.max_keepdim(D::Minus1)?;
-        let part = (logits.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?.squeeze(D::Minus1)?;
+        let part = log_sum_exp(&logits)?.squeeze(D::Minus1)?;
         lse = Some(match lse {
             None => part,
             Some(acc) => {

@@ -16,6 +16,7 @@
 
 use candle_core::{D, Device, Tensor};
 
+use crate::logprobs::log_sum_exp;
 use crate::nn::MASKED;
 use crate::vision::index_tensor;
 use crate::Result;
@@ -102,10 +103,21 @@ fn greedy(logits: &Tensor, excluded: &Excluded) -> Result<Vec<(u32, f32)>> {
     Ok(best.into_iter().zip(lp.squeeze(1)?.to_vec1::<f32>()?).collect())
 }
 
-/// `log Σ exp(x)` over the last dimension, kept as `[R, 1]`.
-fn log_sum_exp(x: &Tensor) -> Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    Ok((x.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + max)?)
+/// Inverse-CDF walk: the first candidate whose weight exceeds what is left of `u` (the mass to
+/// skip), with what is left of `u` there; the last candidate with weight when rounding leaves `u`
+/// just past the total.
+fn inverse_cdf(weights: impl IntoIterator<Item = (usize, f64)>, mut u: f64) -> (usize, f64) {
+    let mut last = None;
+    for (i, w) in weights {
+        if u < w {
+            return (i, u);
+        }
+        u -= w;
+        if w > 0.0 {
+            last = Some(i);
+        }
+    }
+    (last.unwrap_or(0), u)
 }
 
 fn untruncated(logits: &Tensor, temperature: f64, uniforms: &[f64], excluded: &Excluded) -> Result<Vec<(u32, f32)>> {
@@ -116,20 +128,10 @@ fn untruncated(logits: &Tensor, temperature: f64, uniforms: &[f64], excluded: &E
     let padded = blocks * BLOCK - vocab;
     let probs = excluded.apply(&lp)?.exp()?.pad_with_zeros(D::Minus1, 0, padded)?;
     let masses = probs.reshape((rows, blocks, BLOCK))?.sum(D::Minus1)?.to_vec2::<f32>()?;
-    let mut chosen = Vec::with_capacity(rows);
-    let mut residual = Vec::with_capacity(rows);
+    let (mut chosen, mut residual) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
     for (r, m) in masses.iter().enumerate() {
         let total: f64 = m.iter().map(|&x| x as f64).sum();
-        let mut u = uniforms[r] * total;
-        // The last block with mass, when rounding leaves u at the very end.
-        let mut block = m.iter().rposition(|&x| x > 0.0).unwrap_or(0);
-        for (b, &x) in m.iter().enumerate() {
-            if u < x as f64 {
-                block = b;
-                break;
-            }
-            u -= x as f64;
-        }
+        let (block, u) = inverse_cdf(m.iter().map(|&x| x as f64).enumerate(), uniforms[r] * total);
         chosen.push(r * blocks + block);
         residual.push(u);
     }
@@ -138,22 +140,10 @@ fn untruncated(logits: &Tensor, temperature: f64, uniforms: &[f64], excluded: &E
     Ok(picked
         .iter()
         .zip(chosen.iter().zip(residual))
-        .map(|(block_lp, (&flat, mut u))| {
+        .map(|(block_lp, (&flat, u))| {
             let base = (flat % blocks) * BLOCK;
             let allowed = (0..BLOCK).filter(|&j| base + j < vocab && !excluded.contains(base + j));
-            let mut last = None;
-            for j in allowed {
-                let p = (block_lp[j] as f64).exp();
-                if p > 0.0 {
-                    last = Some(j);
-                }
-                if u < p {
-                    return (base as u32 + j as u32, block_lp[j]);
-                }
-                u -= p;
-            }
-            // Rounding left u just above the block's mass: its last allowed token with mass.
-            let j = last.unwrap_or(0);
+            let (j, _) = inverse_cdf(allowed.map(|j| (j, (block_lp[j] as f64).exp())), u);
             ((base + j) as u32, block_lp[j])
         })
         .collect())
@@ -201,18 +191,10 @@ pub fn choose_row(logits: &[f32], sampling: Sampling, u: f64, excluded: &Exclude
         return (order[0] as u32, lp[order[0]]);
     }
     // Inverse CDF in token order over the kept tokens, as the two-level device draw does.
-    let mut kept = order[..keep].to_vec();
-    kept.sort_unstable();
-    let mut u = u * kept.iter().map(|&i| (lp[i] as f64).exp()).sum::<f64>();
-    for &i in &kept {
-        let p = (lp[i] as f64).exp();
-        if u < p {
-            return (i as u32, lp[i]);
-        }
-        u -= p;
-    }
-    let last = kept[kept.len() - 1];
-    (last as u32, lp[last])
+    let mut kept: Vec<(usize, f64)> = order[..keep].iter().copied().zip(probs[..keep].iter().copied()).collect();
+    kept.sort_unstable_by_key(|&(i, _)| i);
+    let (i, _) = inverse_cdf(kept, u * probs[..keep].iter().sum::<f64>());
+    (i as u32, lp[i])
 }
 
 #[cfg(test)]

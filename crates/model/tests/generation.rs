@@ -16,6 +16,14 @@ fn image(side: u32, seed: u32) -> image::DynamicImage {
     image::DynamicImage::ImageRgb8(image::RgbImage::from_fn(side, side, |x, y| image::Rgb([(x * 7 + seed) as u8, (y * 5 + 3 * seed) as u8, ((x ^ y) * 3) as u8])))
 }
 
+/// A tiny random model of `seed`, loaded; the directory lives as long as the model is used.
+fn tiny_vlm(seed: u64) -> Result<(tempfile::TempDir, Vlm), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    create_tiny(dir.path(), &TinySpec { seed, ..TinySpec::default() })?;
+    let vlm = Vlm::load(dir.path(), DType::F32, &Device::Cpu)?;
+    Ok((dir, vlm))
+}
+
 fn prompts(vlm: &Vlm) -> Result<Vec<EncodedPrompt>, Box<dyn std::error::Error>> {
     let a = vlm.images.process_image(&image(56, 1), "a")?;
     let b = vlm.images.process_image(&image(84, 2), "b")?;
@@ -28,9 +36,7 @@ fn prompts(vlm: &Vlm) -> Result<Vec<EncodedPrompt>, Box<dyn std::error::Error>> 
 
 #[test]
 fn sampled_logprobs_equal_teacher_forced_logprobs() -> R {
-    let dir = tempfile::tempdir()?;
-    create_tiny(dir.path(), &TinySpec { seed: 3, ..TinySpec::default() })?;
-    let vlm = Vlm::load(dir.path(), DType::F32, &Device::Cpu)?;
+    let (_dir, vlm) = tiny_vlm(3)?;
     let ps = prompts(&vlm)?;
     let params = GenerationParams { sampling: Sampling::Random { temperature: 1.0, top_p: 1.0, top_k: 0 }, max_new_tokens: 10, seed: 11 };
     let outs = vlm.generate(&ps, 3, &params)?;
@@ -56,9 +62,7 @@ fn sampled_logprobs_equal_teacher_forced_logprobs() -> R {
 
 #[test]
 fn batched_decoding_equals_one_prompt_at_a_time() -> R {
-    let dir = tempfile::tempdir()?;
-    create_tiny(dir.path(), &TinySpec { seed: 5, ..TinySpec::default() })?;
-    let vlm = Vlm::load(dir.path(), DType::F32, &Device::Cpu)?;
+    let (_dir, vlm) = tiny_vlm(5)?;
     let ps = prompts(&vlm)?;
     let params = GenerationParams { sampling: Sampling::Greedy, max_new_tokens: 12, seed: 0 };
     let together = vlm.generate(&ps, 2, &params)?;
@@ -76,9 +80,7 @@ fn batched_decoding_equals_one_prompt_at_a_time() -> R {
 
 #[test]
 fn prompts_asking_for_fewer_samples_get_the_same_samples() -> R {
-    let dir = tempfile::tempdir()?;
-    create_tiny(dir.path(), &TinySpec { seed: 7, ..TinySpec::default() })?;
-    let vlm = Vlm::load(dir.path(), DType::F32, &Device::Cpu)?;
+    let (_dir, vlm) = tiny_vlm(7)?;
     let ps = prompts(&vlm)?;
     let params = GenerationParams { sampling: Sampling::Random { temperature: 1.0, top_p: 1.0, top_k: 0 }, max_new_tokens: 9, seed: 4 };
     // Many stop tokens: samples of one prompt stop at different steps.

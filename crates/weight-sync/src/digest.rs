@@ -23,9 +23,10 @@ pub const PIECE_BYTES: usize = 4 << 20;
 
 type PieceDigest = [u8; 32];
 
-fn hash_fragments<'a>(fragments: impl IntoIterator<Item = &'a [u8]>) -> PieceDigest {
+/// The SHA-256 of one piece, given as the fragments it arrived in.
+fn hash_fragments<B: AsRef<[u8]>>(fragments: &[B]) -> PieceDigest {
     let mut h = Sha256::new();
-    fragments.into_iter().for_each(|f| h.update(f));
+    fragments.iter().for_each(|f| h.update(f));
     h.finalize().into()
 }
 
@@ -46,7 +47,7 @@ pub fn blob_digest(blob: &[u8]) -> String {
     let per_thread = pieces.len().div_ceil(hash_threads());
     std::thread::scope(|s| {
         for (slots, work) in digests.chunks_mut(per_thread).zip(pieces.chunks(per_thread)) {
-            s.spawn(move || slots.iter_mut().zip(work).for_each(|(slot, piece)| *slot = hash_fragments([*piece])));
+            s.spawn(move || slots.iter_mut().zip(work).for_each(|(slot, piece)| *slot = hash_fragments(&[*piece])));
         }
     });
     combine(&digests)
@@ -75,7 +76,7 @@ impl Pool {
                             Err(_) => return,
                         };
                         let Ok((index, fragments)) = job else { return };
-                        if done.send((index, hash_fragments(fragments.iter().map(|b| b.as_ref())))).is_err() {
+                        if done.send((index, hash_fragments(&fragments))).is_err() {
                             return;
                         }
                     }
@@ -120,29 +121,28 @@ impl PieceHasher {
             self.open.push(data.split_to(take));
             self.open_len += take;
             if self.open_len == PIECE_BYTES {
-                let fragments = std::mem::take(&mut self.open);
-                let index = self.next_index();
+                let piece = self.take_open();
                 let pool = self.pool.get_or_insert_with(Pool::new);
-                if let Err(mpsc::SendError((index, fragments))) = pool.jobs.send((index, fragments)) {
+                if let Err(mpsc::SendError((index, fragments))) = pool.jobs.send(piece) {
                     // Every worker is gone: hash here rather than lose the piece.
-                    self.local.push((index, hash_fragments(fragments.iter().map(|b| b.as_ref()))));
+                    self.local.push((index, hash_fragments(&fragments)));
                 }
             }
         }
     }
 
-    fn next_index(&mut self) -> usize {
+    /// Closes the open piece: its index and fragments.
+    fn take_open(&mut self) -> (usize, Vec<Bytes>) {
         self.open_len = 0;
         self.pieces += 1;
-        self.pieces - 1
+        (self.pieces - 1, std::mem::take(&mut self.open))
     }
 
     /// Waits for every piece and returns the blob's digest (lowercase hex).
     pub fn finish(mut self) -> String {
         if self.open_len > 0 || self.pieces == 0 {
-            let fragments = std::mem::take(&mut self.open);
-            let index = self.next_index();
-            self.local.push((index, hash_fragments(fragments.iter().map(|b| b.as_ref()))));
+            let (index, fragments) = self.take_open();
+            self.local.push((index, hash_fragments(&fragments)));
         }
         let mut digests = vec![[0u8; 32]; self.pieces];
         let mut missing = self.pieces - self.local.len();

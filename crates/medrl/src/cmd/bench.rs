@@ -180,10 +180,14 @@ pub(crate) fn synthetic_prompt(model: &Qwen25Vl, image_size: usize, prompt_token
         ids.extend(std::iter::repeat_n(c.image_token_id, g * g / c.vision.merge_unit()));
         ids.push(c.vision_end_token_id);
     }
-    // Ordinary tokens: keep clear of the special ids at the top of Qwen's vocabulary.
-    let top = (c.vision_start_token_id as usize).min(c.text.vocab_size).max(2);
-    ids.extend((0..prompt_tokens).map(|_| rng.random_range(1..top) as u32));
+    ids.extend(random_tokens(c, prompt_tokens, rng));
     Ok((ids, images))
+}
+
+/// `n` random ordinary tokens, clear of the special ids at the top of Qwen's vocabulary.
+pub(crate) fn random_tokens(config: &Config, n: usize, rng: &mut StdRng) -> Vec<u32> {
+    let top = (config.vision_start_token_id as usize).min(config.text.vocab_size).max(2);
+    (0..n).map(|_| rng.random_range(1..top) as u32).collect()
 }
 
 /// Peak resident memory of this process (VmHWM).
@@ -280,12 +284,11 @@ fn learner(a: LearnerArgs) -> Result<()> {
     let mut adamw = if with_optimizer { Some(AdamW::new(policy.params.clone(), cfg.optimizer.adamw())?) } else { None };
     let vars = policy.vars();
     let mut rng = StdRng::seed_from_u64(0);
-    let top = (model.config.vision_start_token_id as usize).min(model.config.text.vocab_size).max(2);
     let mut seqs = Vec::new();
     for _ in 0..a.sequences {
         let (mut ids, images) = synthetic_prompt(&model, a.image_size, a.prompt_tokens, &mut rng)?;
         let start = ids.len();
-        ids.extend((0..a.completion_tokens).map(|_| rng.random_range(1..top) as u32));
+        ids.extend(random_tokens(&model.config, a.completion_tokens, &mut rng));
         seqs.push((ids, images, start));
     }
     let batch = model.batch(&seqs.iter().map(|(ids, images, _)| Sequence { ids, images }).collect::<Vec<_>>(), 0)?;

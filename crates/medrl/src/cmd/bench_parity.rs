@@ -11,9 +11,9 @@ use medrl_model::image::ProcessedImage;
 use medrl_model::model::{Qwen25Vl, Sequence};
 use medrl_model::nn::Exec;
 use medrl_model::weights::Weights;
-use rand::{Rng, SeedableRng, rngs::StdRng};
+use rand::{SeedableRng, rngs::StdRng};
 
-use super::bench::{RandomModelArgs, synthetic_prompt};
+use super::bench::{RandomModelArgs, random_tokens, synthetic_prompt};
 use crate::runtime::DeviceArgs;
 
 /// Arguments of `medrl bench parity`.
@@ -73,7 +73,6 @@ pub fn run(a: ParityArgs) -> Result<()> {
     drop(host);
 
     let mut rng = StdRng::seed_from_u64(1);
-    let top = (reference.config.vision_start_token_id as usize).min(reference.config.text.vocab_size).max(2);
     let prompts: Vec<Prompt> = (0..a.sequences.max(1))
         .map(|_| synthetic_prompt(&reference, a.image_size, a.prompt_tokens, &mut rng).map(|(ids, images)| Prompt { ids, images }))
         .collect::<Result<_>>()?;
@@ -81,7 +80,7 @@ pub fn run(a: ParityArgs) -> Result<()> {
         .iter()
         .map(|p| {
             let mut ids = p.ids.clone();
-            ids.extend((0..a.completion_tokens).map(|_| rng.random_range(1..top) as u32));
+            ids.extend(random_tokens(&reference.config, a.completion_tokens, &mut rng));
             (ids, p.images.as_slice(), p.ids.len())
         })
         .collect();
