@@ -125,7 +125,7 @@ impl Trainer {
         let optimizer = match config.optimizer.kind {
             // AdamW's masters are f32; setting the variables from them undoes the dtype rounding
             // of the saved HF weights.
-            OptimizerKind::Adamw => Opt::AdamW(AdamW::load(checkpoint, policy.params.clone())?),
+            OptimizerKind::Adamw => Opt::AdamW(AdamW::load(checkpoint, policy.params.clone(), config.optimizer.placement())?),
             OptimizerKind::Sgd => Opt::Sgd(Sgd::new(policy.vars(), config.optimizer.lr)),
         };
         let reference_path = checkpoint.join(REFERENCE);

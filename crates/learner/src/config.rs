@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::care::{CareConfig, EmaConfig};
 use crate::loss::PolicyLossConfig;
-use crate::optim::{AdamWConfig, MomentDType};
+use crate::optim::{AdamWConfig, MomentDType, Placement};
 use crate::schedule::ScheduleConfig;
 use crate::{Error, Result};
 
@@ -96,12 +96,15 @@ pub struct OptimizerConfig {
     pub eps: f64,
     pub weight_decay: f64,
     pub moments: MomentDType,
+    /// Keep AdamW's master weights and moments, and the gradient sums, in host memory and step on
+    /// the CPU (ZeRO-Offload style): how a full 7B fine-tune fits one 80 GB GPU (`docs/memory.md`).
+    pub offload: bool,
 }
 
 impl Default for OptimizerConfig {
     fn default() -> Self {
         let a = AdamWConfig::default();
-        OptimizerConfig { kind: OptimizerKind::Adamw, lr: a.lr, beta1: a.beta1, beta2: a.beta2, eps: a.eps, weight_decay: a.weight_decay, moments: a.moments }
+        OptimizerConfig { kind: OptimizerKind::Adamw, lr: a.lr, beta1: a.beta1, beta2: a.beta2, eps: a.eps, weight_decay: a.weight_decay, moments: a.moments, offload: false }
     }
 }
 
@@ -109,6 +112,11 @@ impl OptimizerConfig {
     /// The AdamW settings of this table.
     pub fn adamw(&self) -> AdamWConfig {
         AdamWConfig { lr: self.lr, beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay, moments: self.moments }
+    }
+
+    /// Where the optimizer state and the gradient sums live.
+    pub fn placement(&self) -> Placement {
+        if self.offload { Placement::Host } else { Placement::WithWeights }
     }
 }
 

@@ -8,10 +8,11 @@
 //! the same.
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::optim::Optimizer;
+use crate::optim::host::{AdamWStep, HostState, WeightScratch};
+use crate::optim::{Optimizer, Placement};
 use crate::{Error, Result};
 
 /// Storage dtype of the two Adam moments.
@@ -88,15 +89,22 @@ impl AdamWConfig {
     }
 }
 
+/// Where and how one parameter's state is kept.
+#[derive(Debug)]
+pub(crate) enum State {
+    /// Tensors beside the weights (on a GPU, or f64), updated with candle ops; `master` is
+    /// `None` when the variable itself has the compute dtype.
+    Tensors { master: Option<Tensor>, exp_avg: Tensor, exp_avg_sq: Tensor },
+    /// f32 state in host memory, updated in place on all cores.
+    Host(HostState),
+}
+
 /// One trainable tensor and its optimizer state.
 #[derive(Debug)]
 pub(crate) struct ParamState {
     pub(crate) name: String,
     pub(crate) var: Var,
-    /// f32 master copy; `None` when the `Var` already has the compute dtype.
-    pub(crate) master: Option<Tensor>,
-    pub(crate) exp_avg: Tensor,
-    pub(crate) exp_avg_sq: Tensor,
+    pub(crate) state: State,
     /// Steps this tensor took (torch counts per parameter; one without a gradient does not step).
     pub(crate) step: u64,
 }
@@ -111,32 +119,49 @@ pub(crate) fn compute_dtype(var_dtype: DType) -> DType {
 }
 
 impl ParamState {
-    pub(crate) fn new(name: String, var: Var, moments: MomentDType) -> Result<Self> {
-        let vd = var.dtype();
-        let cd = compute_dtype(vd);
-        let master = if vd == cd {
-            None
-        } else {
-            Some(var.as_tensor().detach().to_dtype(cd)?)
-        };
-        let md = moments.dtype(cd);
-        let exp_avg = Tensor::zeros(var.shape(), md, var.device())?;
-        let exp_avg_sq = exp_avg.zeros_like()?;
-        Ok(ParamState {
-            name,
-            var,
-            master,
-            exp_avg,
-            exp_avg_sq,
-            step: 0,
-        })
+    /// Fresh state for `var` on `state_device`: the master starts at the variable, the moments
+    /// at zero.
+    pub(crate) fn new(name: String, var: Var, moments: MomentDType, state_device: &Device) -> Result<Self> {
+        let md = moments.dtype(compute_dtype(var.dtype()));
+        // Untouched zero pages on the host: they cost no memory before being copied.
+        let zeros = Tensor::zeros(var.shape(), md, state_device)?;
+        let master = var.as_tensor().detach();
+        Self::restore(name, var, &master, zeros.clone(), zeros, 0, state_device)
     }
 
-    /// The weights the update applies to, in the compute dtype.
-    pub(crate) fn weights(&self) -> Tensor {
-        self.master
-            .clone()
-            .unwrap_or_else(|| self.var.as_tensor().detach())
+    /// State from saved tensors (on any device) for `var`, kept on `state_device`: in host
+    /// memory when that is the CPU and the compute dtype is f32.
+    pub(crate) fn restore(name: String, var: Var, master: &Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: u64, state_device: &Device) -> Result<Self> {
+        let cd = compute_dtype(var.dtype());
+        let state = if state_device.is_cpu() && cd == DType::F32 {
+            State::Host(HostState::new(master, &exp_avg, &exp_avg_sq, var.dtype())?)
+        } else {
+            let master = if var.dtype() == cd && var.device().same_device(state_device) {
+                None
+            } else {
+                Some(master.to_dtype(cd)?.to_device(state_device)?)
+            };
+            let (exp_avg, exp_avg_sq) = (exp_avg.to_device(state_device)?, exp_avg_sq.to_device(state_device)?);
+            State::Tensors { master, exp_avg, exp_avg_sq }
+        };
+        Ok(ParamState { name, var, state, step })
+    }
+
+    /// The weights the update applies to, in the compute dtype (a host copy for host state).
+    pub(crate) fn weights(&self) -> Result<Tensor> {
+        match &self.state {
+            State::Tensors { master: Some(m), .. } => Ok(m.clone()),
+            State::Tensors { master: None, .. } => Ok(self.var.as_tensor().detach()),
+            State::Host(h) => h.master(),
+        }
+    }
+
+    /// The two moments in their storage dtype (host copies for host state).
+    pub(crate) fn moments(&self) -> Result<(Tensor, Tensor)> {
+        match &self.state {
+            State::Tensors { exp_avg, exp_avg_sq, .. } => Ok((exp_avg.clone(), exp_avg_sq.clone())),
+            State::Host(h) => h.moments(),
+        }
     }
 }
 
@@ -146,11 +171,18 @@ pub struct AdamW {
     pub(crate) cfg: AdamWConfig,
     pub(crate) params: Vec<ParamState>,
     pub(crate) steps: u64,
+    pub(crate) scratch: WeightScratch,
 }
 
 impl AdamW {
-    /// An optimizer for `params` (name, variable); names must be unique (they key saved state).
+    /// An optimizer for `params` (name, variable) with its state beside the weights; names must
+    /// be unique (they key saved state).
     pub fn new(params: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
+        Self::placed(params, cfg, Placement::WithWeights)
+    }
+
+    /// An optimizer for `params` with its state where `placement` says.
+    pub fn placed(params: Vec<(String, Var)>, cfg: AdamWConfig, placement: Placement) -> Result<Self> {
         cfg.validate()?;
         let mut seen = std::collections::HashSet::new();
         let mut states = Vec::with_capacity(params.len());
@@ -161,12 +193,14 @@ impl AdamW {
                     format!("duplicate parameter name `{name}`"),
                 ));
             }
-            states.push(ParamState::new(name, var, cfg.moments)?);
+            let state_device = placement.device(var.device());
+            states.push(ParamState::new(name, var, cfg.moments, &state_device)?);
         }
         Ok(AdamW {
             cfg,
             params: states,
             steps: 0,
+            scratch: WeightScratch::default(),
         })
     }
 
@@ -192,23 +226,45 @@ impl AdamW {
 
     /// The full-precision weights of `name` (its master copy, or the variable if it is f32).
     pub fn master(&self, name: &str) -> Option<Tensor> {
-        self.params
-            .iter()
-            .find(|p| p.name == name)
-            .map(ParamState::weights)
+        self.params.iter().find(|p| p.name == name).and_then(|p| p.weights().ok())
     }
 
-    fn step_one(cfg: &AdamWConfig, p: &mut ParamState, grad: &Tensor) -> Result<()> {
-        let cd = compute_dtype(p.var.dtype());
-        let g = grad.detach().to_dtype(cd)?;
+    /// One parameter's update: candle ops for state in tensors, the host kernel for host state.
+    fn step_one(cfg: &AdamWConfig, p: &mut ParamState, grad: &Tensor, scratch: &mut WeightScratch) -> Result<()> {
         let t = p.step + 1;
+        match &mut p.state {
+            State::Tensors { master, exp_avg, exp_avg_sq } => {
+                let theta = master.clone().unwrap_or_else(|| p.var.as_tensor().detach());
+                let (theta, m, v) = Self::update_with_ops(cfg, t, &theta, exp_avg, exp_avg_sq, grad)?;
+                (*exp_avg, *exp_avg_sq) = (m, v);
+                if master.is_some() {
+                    p.var.set(&theta.to_dtype(p.var.dtype())?.to_device(p.var.device())?)?;
+                    *master = Some(theta);
+                } else {
+                    p.var.set(&theta)?;
+                }
+            }
+            State::Host(h) => {
+                let weight = h.step(Self::host_scalars(cfg, t), grad, scratch, p.var.device())?;
+                p.var.set(&weight)?;
+            }
+        }
+        p.step = t;
+        Ok(())
+    }
+
+    /// Step `t` of torch's update in candle ops: the new weights (compute dtype) and moments
+    /// (their storage dtype).
+    fn update_with_ops(cfg: &AdamWConfig, t: u64, theta: &Tensor, exp_avg: &Tensor, exp_avg_sq: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+        let cd = theta.dtype();
+        let g = grad.detach().to_dtype(cd)?.to_device(theta.device())?;
         // torch order: decay the weights, update the moments, then the bias-corrected step.
-        let mut theta = p.weights();
+        let mut theta = theta.clone();
         if cfg.weight_decay != 0.0 {
             theta = (theta * (1.0 - cfg.lr * cfg.weight_decay))?;
         }
-        let m = p.exp_avg.to_dtype(cd)?;
-        let v = p.exp_avg_sq.to_dtype(cd)?;
+        let m = exp_avg.to_dtype(cd)?;
+        let v = exp_avg_sq.to_dtype(cd)?;
         // exp_avg.lerp_(grad, 1 − β1): m + (1 − β1)(g − m).
         let m = (&m + ((&g - &m)? * (1.0 - cfg.beta1))?)?;
         // exp_avg_sq.mul_(β2).addcmul_(g, g, value = 1 − β2).
@@ -218,18 +274,21 @@ impl AdamW {
         let step_size = cfg.lr / bias1;
         let denom = ((v.sqrt()? / bias2_sqrt)? + cfg.eps)?;
         let theta = (theta - ((&m / &denom)? * step_size)?)?;
+        let md = exp_avg.dtype();
+        Ok((theta, m.to_dtype(md)?, v.to_dtype(md)?))
+    }
 
-        let md = cfg.moments.dtype(cd);
-        p.exp_avg = m.to_dtype(md)?;
-        p.exp_avg_sq = v.to_dtype(md)?;
-        if p.master.is_some() {
-            p.var.set(&theta.to_dtype(p.var.dtype())?)?;
-            p.master = Some(theta);
-        } else {
-            p.var.set(&theta)?;
+    /// Step `t`'s scalars for the host kernel, computed in f64 and rounded once.
+    fn host_scalars(cfg: &AdamWConfig, t: u64) -> AdamWStep {
+        AdamWStep {
+            decay: (1.0 - cfg.lr * cfg.weight_decay) as f32,
+            one_minus_beta1: (1.0 - cfg.beta1) as f32,
+            beta2: cfg.beta2 as f32,
+            one_minus_beta2: (1.0 - cfg.beta2) as f32,
+            bias2_sqrt: (1.0 - cfg.beta2.powi(t as i32)).sqrt() as f32,
+            eps: cfg.eps as f32,
+            step_size: (cfg.lr / (1.0 - cfg.beta1.powi(t as i32))) as f32,
         }
-        p.step = t;
-        Ok(())
     }
 }
 
@@ -239,7 +298,7 @@ impl Optimizer for AdamW {
         for p in &mut self.params {
             // Like torch, a parameter without a gradient is left alone (its step count too).
             if let Some(g) = grads.get(p.var.as_tensor()) {
-                Self::step_one(&cfg, p, g)?;
+                Self::step_one(&cfg, p, g, &mut self.scratch)?;
             }
         }
         self.steps += 1;
@@ -438,6 +497,60 @@ mod tests {
             var.as_tensor().to_dtype(DType::F32)?.to_vec1::<f32>()?,
             before
         );
+        Ok(())
+    }
+
+    /// The host kernel and the candle-ops update (the one GPU-resident state takes) agree to f32
+    /// rounding over several steps, for every weight and moment dtype.
+    #[test]
+    fn host_kernel_matches_the_candle_ops_update() -> Result<()> {
+        let dev = Device::Cpu;
+        let n = 70_000; // more than two of the kernel's blocks, the last one partial
+        let init: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37).sin() * 0.05).collect();
+        for (dtype, moments) in [(DType::F32, MomentDType::F32), (DType::BF16, MomentDType::F32), (DType::BF16, MomentDType::Bf16), (DType::F16, MomentDType::F32)] {
+            let cfg = AdamWConfig { lr: 1e-3, weight_decay: 0.1, moments, ..Default::default() };
+            let var = || -> Result<Var> { Ok(Var::from_tensor(&Tensor::new(init.as_slice(), &dev)?.to_dtype(dtype)?)?) };
+            let mut host = ParamState::new("w".into(), var()?, moments, &dev)?;
+            assert!(matches!(host.state, State::Host(_)), "f32 state on the CPU is host state");
+            // What a GPU-resident state does, here on the CPU.
+            let zeros = Tensor::zeros(n, moments.dtype(DType::F32), &dev)?;
+            let master = (dtype != DType::F32).then(|| Tensor::new(init.as_slice(), &dev).and_then(|t| t.to_dtype(dtype)?.to_dtype(DType::F32)));
+            let state = State::Tensors { master: master.transpose()?, exp_avg: zeros.clone(), exp_avg_sq: zeros };
+            let mut ops = ParamState { name: "w".into(), var: var()?, state, step: 0 };
+            let mut scratch = WeightScratch::default();
+            for step in 0..3 {
+                let g: Vec<f32> = (0..n).map(|i| ((i * (step + 3)) as f32 * 0.011).cos()).collect();
+                let g = Tensor::new(g.as_slice(), &dev)?;
+                AdamW::step_one(&cfg, &mut host, &g, &mut scratch)?;
+                AdamW::step_one(&cfg, &mut ops, &g, &mut scratch)?;
+            }
+            let flat = |t: Tensor| -> Result<Vec<f32>> { Ok(t.to_dtype(DType::F32)?.to_vec1::<f32>()?) };
+            let ((hm, hv), (om, ov)) = (host.moments()?, ops.moments()?);
+            let pairs = [
+                ("master", host.weights()?, ops.weights()?),
+                ("weight", host.var.as_tensor().clone(), ops.var.as_tensor().clone()),
+                ("exp_avg", hm, om),
+                ("exp_avg_sq", hv, ov),
+            ];
+            // Three steps of at most lr each: f32 state agrees to rounding; bf16 moments round
+            // differently by an ulp (0.4 %), which moves a step by about as much.
+            let step_tol = if moments == MomentDType::Bf16 { 3.0 * 1e-3 * 1e-2 } else { 1e-7 };
+            let weight_ulp = if dtype == DType::F32 { 0.0 } else { 1.0 / 128.0 }; // one bf16 ulp at most
+            let moment_tol = if moments == MomentDType::Bf16 { 1e-2 } else { 1e-5 };
+            for (what, a, b) in pairs {
+                assert_eq!(a.dtype(), b.dtype(), "{what} {dtype:?}");
+                let (a, b) = (flat(a)?, flat(b)?);
+                for (x, y) in a.iter().zip(&b) {
+                    let tol = match what {
+                        "master" => step_tol,
+                        "weight" => step_tol + y.abs() * weight_ulp,
+                        _ => y.abs() * moment_tol + 1e-12,
+                    };
+                    assert!((x - y).abs() <= tol, "{what} {dtype:?} {moments:?}: {x} vs {y}");
+                }
+            }
+            assert_eq!((host.step, ops.step), (3, 3));
+        }
         Ok(())
     }
 

@@ -8,6 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::optim::Placement;
 use crate::optim::adamw::{AdamW, AdamWConfig, ParamState, compute_dtype};
 use crate::{Error, Result};
 
@@ -49,11 +50,12 @@ impl AdamW {
         let mut tensors: HashMap<String, Tensor> = HashMap::new();
         let mut params = Vec::with_capacity(self.params.len());
         for p in &self.params {
-            tensors.insert(key("exp_avg", &p.name), p.exp_avg.clone());
-            tensors.insert(key("exp_avg_sq", &p.name), p.exp_avg_sq.clone());
+            let (exp_avg, exp_avg_sq) = p.moments()?;
+            tensors.insert(key("exp_avg", &p.name), exp_avg);
+            tensors.insert(key("exp_avg_sq", &p.name), exp_avg_sq);
             // The master is saved even when it is the variable itself, so that resuming does
             // not depend on how the model weights were saved.
-            tensors.insert(key("master", &p.name), p.weights());
+            tensors.insert(key("master", &p.name), p.weights()?);
             params.push(ParamMeta {
                 name: p.name.clone(),
                 shape: p.var.dims().to_vec(),
@@ -82,8 +84,9 @@ impl AdamW {
 
     /// Rebuilds the optimizer saved in `dir` for `params`, which must have the saved names,
     /// shapes and dtypes in the saved order. Each variable is set from its saved master weights
-    /// (rounded to its dtype): the master is the source of truth of a resumed run.
-    pub fn load(dir: &Path, params: Vec<(String, Var)>) -> Result<Self> {
+    /// (rounded to its dtype): the master is the source of truth of a resumed run. The state goes
+    /// where `placement` says, whichever placement saved it.
+    pub fn load(dir: &Path, params: Vec<(String, Var)>, placement: Placement) -> Result<Self> {
         let json_path = dir.join(STATE_JSON);
         let text = std::fs::read_to_string(&json_path).map_err(|source| Error::Io {
             path: json_path.clone(),
@@ -112,7 +115,7 @@ impl AdamW {
         }
         meta.config.validate()?;
         let device = match params.first() {
-            Some((_, v)) => v.device().clone(),
+            Some((_, v)) => placement.device(v.device()),
             None => candle_core::Device::Cpu,
         };
         let tensor_path = dir.join(STATE_TENSORS);
@@ -165,26 +168,15 @@ impl AdamW {
                     });
                 }
             }
-            var.set(&master.to_dtype(var.dtype())?)?;
-            let master = if var.dtype() == cd {
-                None
-            } else {
-                Some(master)
-            };
-            states.push(ParamState {
-                name,
-                var,
-                master,
-                exp_avg,
-                exp_avg_sq,
-                step: saved.step,
-            });
+            var.set(&master.to_dtype(var.dtype())?.to_device(var.device())?)?;
+            states.push(ParamState::restore(name, var, &master, exp_avg, exp_avg_sq, saved.step, &device)?);
         }
         tracing::info!(dir = %dir.display(), steps = meta.steps, "resumed optimizer state");
         Ok(AdamW {
             cfg: meta.config,
             params: states,
             steps: meta.steps,
+            scratch: Default::default(),
         })
     }
 }
@@ -265,7 +257,7 @@ mod tests {
 
         // Fresh variables with their initial values: loading must restore the trained ones.
         let resumed_params = params(&dev)?;
-        let mut resumed = AdamW::load(dir.path(), resumed_params.clone())?;
+        let mut resumed = AdamW::load(dir.path(), resumed_params.clone(), Placement::WithWeights)?;
         assert_eq!(resumed.steps(), 2);
         resumed.step(&grads(&resumed_params, 2)?)?;
 
@@ -297,12 +289,12 @@ mod tests {
         let mut renamed = params(&dev)?;
         renamed[1].0 = "other".into();
         assert!(matches!(
-            AdamW::load(dir.path(), renamed),
+            AdamW::load(dir.path(), renamed, Placement::WithWeights),
             Err(Error::State { .. })
         ));
         let fewer = params(&dev)?.into_iter().take(1).collect();
         assert!(matches!(
-            AdamW::load(dir.path(), fewer),
+            AdamW::load(dir.path(), fewer, Placement::WithWeights),
             Err(Error::State { .. })
         ));
         Ok(())

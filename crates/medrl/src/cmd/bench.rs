@@ -103,10 +103,16 @@ pub struct LearnerArgs {
     /// Recompute each decoder layer in the backward pass.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub checkpointing: bool,
-    /// adamw: the whole step; none: forward + backward only (a full 7B AdamW state does not fit
-    /// one 80 GB GPU, see docs/memory.md).
+    /// adamw: the whole step; none: forward + backward only (a full 7B AdamW state fits one
+    /// 80 GB GPU only with --offload, see docs/memory.md).
     #[arg(long, default_value = "adamw")]
     pub optimizer: String,
+    /// Keep AdamW's state and the gradient sums in host memory (`optimizer.offload`).
+    #[arg(long)]
+    pub offload: bool,
+    /// AdamW moment dtype: f32 | bf16 (`optimizer.moments`).
+    #[arg(long, default_value = "f32")]
+    pub moments: String,
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     #[command(flatten)]
@@ -262,7 +268,7 @@ fn model_parameters(model: &Qwen25Vl) -> usize {
 fn learner(a: LearnerArgs) -> Result<()> {
     use medrl_learner::config::{LearnerConfig, Trainable};
     use medrl_learner::loss::{PolicyLossConfig, PolicyLossInputs, mask_from_lengths, policy_loss};
-    use medrl_learner::optim::{AdamW, Optimizer, clip_grad_norm};
+    use medrl_learner::optim::{AdamW, GradAccumulator, MomentDType, Optimizer, clip_grad_norm};
     use medrl_learner::policy::Policy;
 
     let (dtype, device) = (a.runtime.dtype()?, a.runtime.device()?);
@@ -277,11 +283,18 @@ fn learner(a: LearnerArgs) -> Result<()> {
         "none" => false,
         other => bail!("--optimizer {other}: expected adamw or none"),
     };
+    let moments = match a.moments.as_str() {
+        "f32" => MomentDType::F32,
+        "bf16" => MomentDType::Bf16,
+        other => bail!("--moments {other}: expected f32 or bf16"),
+    };
     let config = a.model.config()?;
     let weights = Weights::random(&config, 0, dtype, &device)?;
-    let cfg = LearnerConfig { trainable, ..LearnerConfig::default() };
+    let mut cfg = LearnerConfig { trainable, ..LearnerConfig::default() };
+    (cfg.optimizer.moments, cfg.optimizer.offload) = (moments, a.offload);
     let (model, policy) = Policy::from_weights(config, weights, &cfg, dtype, &device)?;
-    let mut adamw = if with_optimizer { Some(AdamW::new(policy.params.clone(), cfg.optimizer.adamw())?) } else { None };
+    let placement = cfg.optimizer.placement();
+    let mut adamw = if with_optimizer { Some(AdamW::placed(policy.params.clone(), cfg.optimizer.adamw(), placement)?) } else { None };
     let vars = policy.vars();
     let mut rng = StdRng::seed_from_u64(0);
     let mut seqs = Vec::new();
@@ -304,9 +317,9 @@ fn learner(a: LearnerArgs) -> Result<()> {
         let inputs = PolicyLossInputs { logprobs: &lp, old_logprobs: None, advantages: &advantages, mask: &mask, ref_logprobs: None, denominator: None };
         policy_loss(&loss_cfg, &inputs).map(|l| l.loss).map_err(|e| medrl_model::Error::Input(e.to_string()))
     };
-    let mut step = || -> Result<(f64, f64)> {
+    let mut step = || -> Result<(f64, f64, [f64; 3])> {
         let start = Instant::now();
-        let (_, _, mut grads) = if a.checkpointing {
+        let (_, _, grads) = if a.checkpointing {
             model.checkpointed_backward(&batch, &spans, &mut loss_of)?
         } else {
             let lp = model.span_logprobs(&batch, &spans, Exec::Train)?;
@@ -315,17 +328,32 @@ fn learner(a: LearnerArgs) -> Result<()> {
         };
         device.synchronize()?;
         let fwd_bwd = start.elapsed().as_secs_f64();
+        let mut phases = [0f64; 3];
         if let Some(adamw) = adamw.as_mut() {
-            clip_grad_norm(&mut grads, &vars, 5.0)?;
-            adamw.step(&grads)?;
-            device.synchronize()?;
+            // As the trainer does it: sum (in host memory with --offload), clip, step.
+            let mut lap = Instant::now();
+            let mut split = |i: usize| -> Result<()> {
+                device.synchronize()?;
+                phases[i] = lap.elapsed().as_secs_f64();
+                lap = Instant::now();
+                Ok(())
+            };
+            let mut acc = GradAccumulator::new(vars.clone(), placement);
+            acc.add(&grads)?;
+            drop(grads);
+            let mut sums = acc.take(1.0)?;
+            split(0)?;
+            clip_grad_norm(&mut sums, &vars, 5.0)?;
+            split(1)?;
+            adamw.step(&sums)?;
+            split(2)?;
         }
-        Ok((fwd_bwd, start.elapsed().as_secs_f64()))
+        Ok((fwd_bwd, start.elapsed().as_secs_f64(), phases))
     };
     for _ in 0..a.warmup {
         step()?;
     }
-    let (fwd_bwd_s, step_s) = step()?;
+    let (fwd_bwd_s, step_s, [sum_s, clip_s, adamw_s]) = step()?;
     let tokens = batch.len() * a.sequences;
     let report = serde_json::json!({
         "bench": "learner",
@@ -336,12 +364,18 @@ fn learner(a: LearnerArgs) -> Result<()> {
         "trainable": a.trainable,
         "checkpointing": a.checkpointing,
         "optimizer": a.optimizer,
+        "offload": a.offload,
+        "moments": a.moments,
         "layers": model.config.text.num_hidden_layers,
         "sequences": a.sequences,
         "tokens_per_sequence": batch.len(),
         "fwd_bwd_s": fwd_bwd_s,
         "fwd_bwd_tok_per_s": tokens as f64 / fwd_bwd_s,
         "step_s": step_s,
+        "optimizer_s": step_s - fwd_bwd_s,
+        "grad_sum_s": sum_s,
+        "clip_s": clip_s,
+        "adamw_s": adamw_s,
         "step_tok_per_s": tokens as f64 / step_s,
         "peak_rss_bytes": peak_rss_bytes(),
     });
