@@ -35,7 +35,8 @@ struct Stacked {
 }
 
 impl Stacked {
-    /// Why `l` cannot join a stack, if it cannot: its adapter or its gradient would be lost.
+    /// Why `l` cannot join a stack, if it cannot: an adapter would be dropped, and a trainable
+    /// weight would stay alive (and keep training) in the stacked copy's graph.
     fn refusal(l: &Linear) -> Option<&'static str> {
         if l.lora.is_some() {
             Some("has a LoRA adapter")
