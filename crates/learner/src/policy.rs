@@ -62,7 +62,7 @@ impl Policy {
         if cfg.trainable == Trainable::Lora {
             let mut rng = StdRng::seed_from_u64(cfg.lora.seed);
             let scale = cfg.lora.alpha / cfg.lora.rank as f64;
-            for (module, lin) in model.linears_mut() {
+            for (module, lin) in model.linears_mut()? {
                 let wanted = module.starts_with("model.") && cfg.lora.targets.iter().any(|t| module.rsplit('.').next() == Some(t.as_str()));
                 if !wanted {
                     continue;

@@ -29,7 +29,7 @@ fn parity_passes_per_dtype_with_differences_of_that_dtype() {
         assert_eq!(report["pass"], true, "{report}");
         // 16 tokens each: two sampled completions and a greedy one.
         assert_eq!((number(report, "scored_tokens"), number(report, "decoded_tokens")), (32.0, 48.0), "{report}");
-        for key in ["infer_max_abs_diff", "decode_max_abs_diff"] {
+        for key in ["infer_max_abs_diff", "infer_fused_max_abs_diff", "decode_max_abs_diff"] {
             let d = number(report, key);
             assert!(d <= hi, "{dtype} {key} {d} > {hi}: {report}");
             // bf16 rounding must show: a check that compared f32 with f32 would read zero here.

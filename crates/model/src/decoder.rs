@@ -1,25 +1,78 @@
 //! The Qwen2 text decoder: embeddings, M-RoPE attention with grouped KV heads, SwiGLU MLP, the
 //! final norm and the LM head, with a KV cache for generation.
 
-use candle_core::Tensor;
+use candle_core::{D, Tensor};
 
 use crate::config::TextConfig;
 use crate::group_cache::GroupCache;
 use crate::nn::{Exec, Linear, attention, rms_norm};
 use crate::rope::Rotary;
 use crate::weights::Weights;
-use crate::Result;
+use crate::{Error, Result};
 
 struct Layer {
     input_norm: Tensor,
     post_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    inputs: Projections,
     o: Linear,
-    gate: Linear,
-    up: Linear,
     down: Linear,
+}
+
+/// The projections that read a layer's normed hidden states.
+enum Projections {
+    /// As loaded: one [`Linear`] per HF module, each trainable and adaptable on its own.
+    Separate { q: Linear, k: Linear, v: Linear, gate: Linear, up: Linear },
+    /// One matmul for q/k/v and one for gate/up, for inference (see [`TextModel::fuse_projections`]).
+    Fused { qkv: Stacked, gate_up: Stacked },
+}
+
+/// Linear layers that read the same input, run as one matmul over their weights stacked by rows.
+struct Stacked {
+    /// The stacked weights `[Σ out, in]`, without bias.
+    linear: Linear,
+    /// Output width and bias of each part, in order.
+    parts: Vec<(usize, Option<Tensor>)>,
+}
+
+impl Stacked {
+    /// Why `l` cannot join a stack, if it cannot: an adapter would be dropped, and a trainable
+    /// weight would stay alive (and keep training) in the stacked copy's graph.
+    fn refusal(l: &Linear) -> Option<&'static str> {
+        if l.lora.is_some() {
+            Some("has a LoRA adapter")
+        } else if l.weight.track_op() || l.bias.as_ref().is_some_and(Tensor::track_op) {
+            Some("is trainable")
+        } else {
+            None
+        }
+    }
+
+    /// Stacks layers that [`Self::refusal`] accepts.
+    fn new(layers: &[&Linear]) -> Result<Self> {
+        let weights: Vec<&Tensor> = layers.iter().map(|l| &l.weight).collect();
+        let parts = layers.iter().map(|l| Ok((l.weight.dim(0)?, l.bias.clone()))).collect::<Result<Vec<_>>>()?;
+        Ok(Stacked { linear: Linear::new(Tensor::cat(&weights, 0)?, None), parts })
+    }
+
+    /// Each part's output over the last dimension of `x`. A part with a bias comes back
+    /// contiguous (the bias add writes it out); one without is a strided view of the whole output.
+    fn forward<const N: usize>(&self, x: &Tensor) -> Result<[Tensor; N]> {
+        let y = self.linear.forward(x)?;
+        let mut start = 0;
+        let mut outs = Vec::with_capacity(N);
+        for (width, bias) in &self.parts {
+            let part = y.narrow(D::Minus1, start, *width)?;
+            start += width;
+            // Biases are added per part, not once over `y`: the add then also does the copy that
+            // the narrowed (strided) part would need before rope or the KV cache write.
+            outs.push(match bias {
+                Some(b) => part.broadcast_add(&b.to_dtype(part.dtype())?)?,
+                None => part,
+            });
+        }
+        let got = outs.len();
+        outs.try_into().map_err(|_| Error::Input(format!("{got} stacked projections where {N} were expected")))
+    }
 }
 
 /// Keys and values of every layer after a prefill, `[B, Hkv, T, D]` each.
@@ -110,12 +163,14 @@ impl TextModel {
                 Ok(Layer {
                     input_norm: w.get(&format!("{p}.input_layernorm.weight"))?.clone(),
                     post_norm: w.get(&format!("{p}.post_attention_layernorm.weight"))?.clone(),
-                    q: lin(format!("{p}.self_attn.q_proj"), true)?,
-                    k: lin(format!("{p}.self_attn.k_proj"), true)?,
-                    v: lin(format!("{p}.self_attn.v_proj"), true)?,
+                    inputs: Projections::Separate {
+                        q: lin(format!("{p}.self_attn.q_proj"), true)?,
+                        k: lin(format!("{p}.self_attn.k_proj"), true)?,
+                        v: lin(format!("{p}.self_attn.v_proj"), true)?,
+                        gate: lin(format!("{p}.mlp.gate_proj"), false)?,
+                        up: lin(format!("{p}.mlp.up_proj"), false)?,
+                    },
                     o: lin(format!("{p}.self_attn.o_proj"), false)?,
-                    gate: lin(format!("{p}.mlp.gate_proj"), false)?,
-                    up: lin(format!("{p}.mlp.up_proj"), false)?,
                     down: lin(format!("{p}.mlp.down_proj"), false)?,
                 })
             })
@@ -125,20 +180,50 @@ impl TextModel {
         Ok(TextModel { config: config.clone(), embed_tokens, layers, norm: w.get("model.norm.weight")?.clone(), lm_head })
     }
 
-    /// Every linear layer with its HF module name (`model.layers.N.self_attn.q_proj`, ...).
-    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+    /// Every linear layer with its HF module name (`model.layers.N.self_attn.q_proj`, ...); an
+    /// error once projections are fused, since the fused model has no per-module layers left.
+    pub fn linears_mut(&mut self) -> Result<Vec<(String, &mut Linear)>> {
         let mut out = Vec::new();
         for (i, l) in self.layers.iter_mut().enumerate() {
             let p = format!("model.layers.{i}");
-            out.push((format!("{p}.self_attn.q_proj"), &mut l.q));
-            out.push((format!("{p}.self_attn.k_proj"), &mut l.k));
-            out.push((format!("{p}.self_attn.v_proj"), &mut l.v));
+            let Projections::Separate { q, k, v, gate, up } = &mut l.inputs else {
+                return Err(Error::Fusion { module: p, problem: "its projections are fused for inference; per-module layers need an unfused model".into() });
+            };
+            out.push((format!("{p}.self_attn.q_proj"), q));
+            out.push((format!("{p}.self_attn.k_proj"), k));
+            out.push((format!("{p}.self_attn.v_proj"), v));
             out.push((format!("{p}.self_attn.o_proj"), &mut l.o));
-            out.push((format!("{p}.mlp.gate_proj"), &mut l.gate));
-            out.push((format!("{p}.mlp.up_proj"), &mut l.up));
+            out.push((format!("{p}.mlp.gate_proj"), gate));
+            out.push((format!("{p}.mlp.up_proj"), up));
             out.push((format!("{p}.mlp.down_proj"), &mut l.down));
         }
-        out
+        Ok(out)
+    }
+
+    /// Replaces every layer's q/k/v projections by one matmul over their stacked weights, and
+    /// gate/up by another: three fewer kernel launches per layer and step, for models that only
+    /// generate and score. The separate weights are dropped (a caller's [`Weights`] may still hold
+    /// them). Refuses, before changing anything, when a projection has a LoRA adapter or a
+    /// trainable weight: neither would survive stacking. Fusing twice is a no-op.
+    pub fn fuse_projections(&mut self) -> Result<()> {
+        for (i, l) in self.layers.iter().enumerate() {
+            let Projections::Separate { q, k, v, gate, up } = &l.inputs else { continue };
+            let named = [(q, "self_attn.q_proj"), (k, "self_attn.k_proj"), (v, "self_attn.v_proj"), (gate, "mlp.gate_proj"), (up, "mlp.up_proj")];
+            for (lin, name) in named {
+                if let Some(problem) = Stacked::refusal(lin) {
+                    return Err(Error::Fusion { module: format!("model.layers.{i}.{name}"), problem: format!("{problem}; only frozen, unadapted projections can be fused") });
+                }
+            }
+        }
+        // Layer by layer, so that at most one layer's projections exist twice at a time.
+        for l in &mut self.layers {
+            let fused = match &l.inputs {
+                Projections::Separate { q, k, v, gate, up } => Projections::Fused { qkv: Stacked::new(&[q, k, v])?, gate_up: Stacked::new(&[gate, up])? },
+                Projections::Fused { .. } => continue,
+            };
+            l.inputs = fused;
+        }
+        Ok(())
     }
 
     /// Number of decoder layers.
@@ -197,14 +282,22 @@ impl TextModel {
         let (b, t, _) = x.dims3()?;
         let (heads, kv_heads, hd) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
         let h = rms_norm(x, &l.input_norm, c.rms_norm_eps, exec)?;
+        let [q, k, v] = match &l.inputs {
+            Projections::Separate { q, k, v, .. } => [q.forward(&h)?, k.forward(&h)?, v.forward(&h)?],
+            Projections::Fused { qkv, .. } => qkv.forward(&h)?,
+        };
         let split = |y: Tensor, n: usize| -> Result<Tensor> { Ok(y.reshape((b, t, n, hd))?.transpose(1, 2)?) };
-        let q = step.rotary.apply(&split(l.q.forward(&h)?, heads)?)?;
-        let k = step.rotary.apply(&split(l.k.forward(&h)?, kv_heads)?)?;
-        let v = split(l.v.forward(&h)?, kv_heads)?.contiguous()?;
+        let q = step.rotary.apply(&split(q, heads)?)?;
+        let k = step.rotary.apply(&split(k, kv_heads)?)?;
+        let v = split(v, kv_heads)?.contiguous()?;
         let attn = attend(&q, k, v)?.transpose(1, 2)?.reshape((b, t, heads * hd))?;
         let x = (x + l.o.forward(&attn)?)?;
         let h = rms_norm(&x, &l.post_norm, c.rms_norm_eps, exec)?;
-        let mlp = l.down.forward(&(l.gate.forward(&h)?.silu()? * l.up.forward(&h)?)?)?;
+        let [gate, up] = match &l.inputs {
+            Projections::Separate { gate, up, .. } => [gate.forward(&h)?, up.forward(&h)?],
+            Projections::Fused { gate_up, .. } => gate_up.forward(&h)?,
+        };
+        let mlp = l.down.forward(&(gate.silu()? * up)?)?;
         Ok((x + mlp)?)
     }
 }

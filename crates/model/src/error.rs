@@ -27,6 +27,10 @@ pub enum Error {
     #[error("chat template: {0}")]
     Template(String),
 
+    /// A module whose projections cannot be fused, or that needs them unfused.
+    #[error("{module}: {problem}")]
+    Fusion { module: String, problem: String },
+
     #[error("bad input: {0}")]
     Input(String),
 

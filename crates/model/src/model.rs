@@ -196,11 +196,18 @@ impl Qwen25Vl {
         Ok((rotary, self.mask(&batch.pad, t, t)?))
     }
 
-    /// Every linear layer (vision tower, merger, decoder) with its HF module name.
-    pub fn linears_mut(&mut self) -> Vec<(String, &mut crate::nn::Linear)> {
+    /// Every linear layer (vision tower, merger, decoder) with its HF module name; an error after
+    /// [`Self::fuse_projections`].
+    pub fn linears_mut(&mut self) -> Result<Vec<(String, &mut crate::nn::Linear)>> {
         let mut out = self.vision.linears_mut();
-        out.extend(self.text.linears_mut());
-        out
+        out.extend(self.text.linears_mut()?);
+        Ok(out)
+    }
+
+    /// Fuses the decoder's q/k/v and gate/up projections for inference-only use; see
+    /// [`TextModel::fuse_projections`] (refuses LoRA-adapted or trainable projections).
+    pub fn fuse_projections(&mut self) -> Result<()> {
+        self.text.fuse_projections()
     }
 
     /// Gradient of `loss_of(log-probs of spans)` for every variable, recomputing each decoder

@@ -47,6 +47,14 @@ impl Vlm {
         Self::from_parts(dir, Qwen25Vl::load(dir, dtype, device)?)
     }
 
+    /// Loads like [`Self::load`] with the decoder's projections fused
+    /// ([`Qwen25Vl::fuse_projections`]): for models that only generate and score.
+    pub fn load_for_inference(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let mut vlm = Self::load(dir, dtype, device)?;
+        vlm.model.fuse_projections()?;
+        Ok(vlm)
+    }
+
     /// Wraps an already built model (e.g. one whose weights are trainable variables) with the
     /// processor, tokenizer and generation settings of `dir`.
     pub fn from_parts(dir: &Path, model: Qwen25Vl) -> Result<Self> {

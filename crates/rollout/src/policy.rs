@@ -26,7 +26,7 @@ impl Policy {
     /// Loads the model directory as version 0 (the initial weights).
     pub async fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Policy, WorkerError> {
         let (d, dev) = (dir.to_path_buf(), device.clone());
-        let vlm = tokio::task::spawn_blocking(move || Vlm::load(&d, dtype, &dev))
+        let vlm = tokio::task::spawn_blocking(move || Vlm::load_for_inference(&d, dtype, &dev))
             .await
             .map_err(|e| WorkerError::Task(format!("model load: {e}")))?
             .map_err(WorkerError::LoadModel)?;
@@ -63,7 +63,10 @@ impl Policy {
                 medrl_weight_sync::decode_weights(&blob, &config, dtype, &device).map_err(|cause| WeightError::Decode { version, cause })?;
             // The blob is no longer needed; free it before the model's copies are built.
             drop(blob);
-            let model = Qwen25Vl::new(config, &weights, dtype, &device).map_err(|cause| WeightError::Build { version, cause })?;
+            let mut model = Qwen25Vl::new(config, &weights, dtype, &device).map_err(|cause| WeightError::Build { version, cause })?;
+            // Only the model holds the separate projections now, so fusing frees them layer by layer.
+            drop(weights);
+            model.fuse_projections().map_err(|cause| WeightError::Build { version, cause })?;
             Vlm::from_parts(&dir, model).map_err(|cause| WeightError::Build { version, cause })
         })
         .await

@@ -136,7 +136,7 @@ async fn worker_runs_an_epoch_one_group_per_prompt_and_exits_when_done() {
         // One group per prompt, each complete.
         let records: HashMap<String, VqaRecord> = fx.records.iter().map(|r| (r.id.clone(), r.clone())).collect();
         let mut seen = std::collections::HashSet::new();
-        let vlm = Vlm::load(&fx.model_dir, DType::F32, &Device::Cpu).expect("vlm");
+        let vlm = Vlm::load_for_inference(&fx.model_dir, DType::F32, &Device::Cpu).expect("vlm");
         for g in &groups {
             assert!(seen.insert(g.prompt_id.clone()), "one group per prompt");
             assert_eq!(g.group_id, medrl_proto::group_id(g.epoch, &g.prompt_id, g.attempt));
@@ -267,7 +267,7 @@ async fn new_weights_apply_between_groups_and_corrupt_blobs_keep_the_old_ones() 
         // Each group was sampled wholly with the weights its version names: sampling it again
         // from scratch with those weights gives the same tokens and log-probs.
         let gs = settings.group_settings();
-        let v0 = Vlm::load(&fx.model_dir, DType::F32, &Device::Cpu).expect("v0");
+        let v0 = Vlm::load_for_inference(&fx.model_dir, DType::F32, &Device::Cpu).expect("v0");
         let v1 = fx.vlm_with(&weights1);
         for g in &groups {
             let vlm = if g.policy_version == 0 { &v0 } else { &v1 };
@@ -314,7 +314,7 @@ async fn a_retried_attempt_resamples_identically_and_a_new_attempt_resamples_fre
         // Directly: the same key samples the same group; the next attempt samples another.
         let settings = worker_settings(&fx, "http://unused", "http://unused", 1);
         let gs = settings.group_settings();
-        let vlm = Vlm::load(&fx.model_dir, DType::F32, &Device::Cpu).expect("vlm");
+        let vlm = Vlm::load_for_inference(&fx.model_dir, DType::F32, &Device::Cpu).expect("vlm");
         let record = fx.records[0].clone();
         let image = fx.image(&record.images[0]);
         let job = |attempt: u64| GroupJob {

@@ -159,14 +159,19 @@ pub fn run(b: Bench) -> Result<()> {
     }
 }
 
+/// The rollout benchmark's model, with projections fused as the rollout worker's are.
 fn load_model(a: &RolloutArgs) -> Result<Qwen25Vl> {
     let (dtype, device) = (a.runtime.dtype()?, a.runtime.device()?);
-    if let Some(dir) = &a.model {
-        return Qwen25Vl::load(dir, dtype, &device).with_context(|| format!("loading {}", dir.display()));
-    }
-    let config = a.random.config()?;
-    let weights = Weights::random(&config, 0, dtype, &device)?;
-    Ok(Qwen25Vl::new(config, &weights, dtype, &device)?)
+    let mut model = match &a.model {
+        Some(dir) => Qwen25Vl::load(dir, dtype, &device).with_context(|| format!("loading {}", dir.display()))?,
+        None => {
+            let config = a.random.config()?;
+            let weights = Weights::random(&config, 0, dtype, &device)?;
+            Qwen25Vl::new(config, &weights, dtype, &device)?
+        }
+    };
+    model.fuse_projections()?;
+    Ok(model)
 }
 
 /// A prompt of one random square image and `prompt_tokens` random ordinary tokens.

@@ -1,8 +1,9 @@
 //! `medrl bench parity`: log-probs of one set of random weights computed on a device and dtype
 //! (e.g. `--device cuda --dtype bf16`) against the CPU in f32: the teacher-forced forward in both
-//! execution paths, and the decode path (prefix-shared KV cache, on-device sampling and greedy
-//! picks) of completions made on the device. Prints one JSON line; exits non-zero when a
-//! difference exceeds the tolerance.
+//! execution paths, unfused (the learner's) and with fused projections (inference), and the decode
+//! path (fused projections, prefix-shared KV cache, on-device sampling and greedy picks) of
+//! completions made on the device. Prints one JSON line; exits non-zero when a difference exceeds
+//! the tolerance.
 
 use anyhow::{Result, bail};
 use candle_core::{DType, Device};
@@ -69,7 +70,7 @@ pub fn run(a: ParityArgs) -> Result<()> {
     let config = a.model.config()?;
     let host = Weights::random(&config, 0, DType::F32, &Device::Cpu)?;
     let reference = Qwen25Vl::new(config.clone(), &host, DType::F32, &Device::Cpu)?;
-    let tested = Qwen25Vl::new(config, &host.to(dtype, &device)?, dtype, &device)?;
+    let mut tested = Qwen25Vl::new(config, &host.to(dtype, &device)?, dtype, &device)?;
     drop(host);
 
     let mut rng = StdRng::seed_from_u64(1);
@@ -87,6 +88,9 @@ pub fn run(a: ParityArgs) -> Result<()> {
     let want = span_logprobs(&reference, &forced, Exec::Train)?;
     let train = max_abs_diff(&span_logprobs(&tested, &forced, Exec::Train)?, &want)?;
     let infer = max_abs_diff(&span_logprobs(&tested, &forced, Exec::Infer)?, &want)?;
+    // From here on the tested model is the rollout worker's: projections fused.
+    tested.fuse_projections()?;
+    let infer_fused = max_abs_diff(&span_logprobs(&tested, &forced, Exec::Infer)?, &want)?;
 
     // The decode path: two sampled completions and a greedy one on the tested device, their
     // tokens scored on the reference.
@@ -104,7 +108,7 @@ pub fn run(a: ParityArgs) -> Result<()> {
     let decode = max_abs_diff(&decoded, &span_logprobs(&reference, &sampled, Exec::Train)?)?;
     tested.device().synchronize()?;
 
-    let pass = train <= tolerance && infer <= tolerance && decode <= tolerance;
+    let pass = [train, infer, infer_fused, decode].iter().all(|&d| d <= tolerance);
     let report = serde_json::json!({
         "bench": "parity",
         "device": a.runtime.device,
@@ -115,6 +119,7 @@ pub fn run(a: ParityArgs) -> Result<()> {
         "decoded_tokens": decoded.len(),
         "train_max_abs_diff": train,
         "infer_max_abs_diff": infer,
+        "infer_fused_max_abs_diff": infer_fused,
         "decode_max_abs_diff": decode,
         "tolerance": tolerance,
         "pass": pass,

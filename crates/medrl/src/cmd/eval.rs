@@ -158,7 +158,7 @@ pub fn run(a: Args) -> Result<()> {
                 tracing::warn!("{} has no record of dataset {missing:?}, which the eval config expects", data.display());
             }
             let base = data.parent().unwrap_or(Path::new("."));
-            let vlm = Vlm::load(model, a.runtime.dtype()?, &a.runtime.device()?).with_context(|| format!("loading model {}", model.display()))?;
+            let vlm = Vlm::load_for_inference(model, a.runtime.dtype()?, &a.runtime.device()?).with_context(|| format!("loading model {}", model.display()))?;
             let items = evaluate(&vlm, &records, base, config, &out.join("samples.jsonl"))?;
             (items, out)
         }

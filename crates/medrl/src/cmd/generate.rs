@@ -54,7 +54,7 @@ pub fn run(a: Args) -> Result<()> {
     if !a.greedy && (a.temperature <= 0.0 || !(a.top_p > 0.0 && a.top_p <= 1.0)) {
         bail!("--temperature must be > 0 and --top-p in (0, 1]; use --greedy for deterministic decoding");
     }
-    let vlm = Vlm::load(&a.model, a.runtime.dtype()?, &a.runtime.device()?).with_context(|| format!("loading model {}", a.model.display()))?;
+    let vlm = Vlm::load_for_inference(&a.model, a.runtime.dtype()?, &a.runtime.device()?).with_context(|| format!("loading model {}", a.model.display()))?;
     let images = vlm.load_images(&a.images)?;
     let prompt = vlm.user_prompt(a.system.as_deref(), images, &a.prompt)?;
     let sampling = if a.greedy { Sampling::Greedy } else { Sampling::Random { temperature: a.temperature, top_p: a.top_p, top_k: a.top_k } };

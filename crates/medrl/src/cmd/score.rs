@@ -57,7 +57,7 @@ fn parse_line(text: &str, path: &Path, n: usize) -> Result<Item> {
 
 /// Scores every line and writes the output file atomically.
 pub fn run(a: Args) -> Result<()> {
-    let vlm = Vlm::load(&a.model, a.runtime.dtype()?, &a.runtime.device()?).with_context(|| format!("loading model {}", a.model.display()))?;
+    let vlm = Vlm::load_for_inference(&a.model, a.runtime.dtype()?, &a.runtime.device()?).with_context(|| format!("loading model {}", a.model.display()))?;
     let file = std::fs::File::open(&a.input).with_context(|| format!("opening {}", a.input.display()))?;
     let mut items = Vec::new();
     for (i, line) in BufReader::new(file).lines().enumerate() {

@@ -119,7 +119,7 @@ pub fn run(a: Args) -> Result<()> {
 }
 
 fn eval_phase(model: &Path, phase: &str, split: &Split, config: &EvalConfig, run_dir: &Path, dtype: candle_core::DType, device: &candle_core::Device) -> Result<EvalLine> {
-    let vlm = Vlm::load(model, dtype, device).with_context(|| format!("loading {} for evaluation", model.display()))?;
+    let vlm = Vlm::load_for_inference(model, dtype, device).with_context(|| format!("loading {} for evaluation", model.display()))?;
     let dir = run_dir.join("eval").join(phase);
     std::fs::create_dir_all(&dir)?;
     let samples = dir.join("samples.jsonl");

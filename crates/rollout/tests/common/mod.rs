@@ -81,9 +81,11 @@ impl Fixture {
         Bytes::from(std::fs::read(self.data_dir.join(name)).expect("image file"))
     }
 
-    /// A model built from `weights` (the version-0 processor and tokenizer).
+    /// A model built from `weights` as the worker builds it, projections fused (the version-0
+    /// processor and tokenizer).
     pub fn vlm_with(&self, weights: &Weights) -> Vlm {
-        let model = Qwen25Vl::new(self.config.clone(), weights, DType::F32, &Device::Cpu).expect("model");
+        let mut model = Qwen25Vl::new(self.config.clone(), weights, DType::F32, &Device::Cpu).expect("model");
+        model.fuse_projections().expect("fused");
         Vlm::from_parts(&self.model_dir, model).expect("vlm")
     }
 
