@@ -3,12 +3,14 @@
 # log-probs with the CPU, rollout at 1x8, 8x8 and 32x8, the learner's forward + backward at
 # 8 x 885 tokens, and the weight stream. Every result is one JSON line in OUT/results.jsonl.
 #
-#   scripts/gpu-bench.sh [--bin PATH] [--out DIR] [--quick]
+#   scripts/gpu-bench.sh [--bin PATH] [--out DIR] [--quick | --offload]
 #
 # --bin     the medrl binary built by scripts/build-cuda.sh, or its .xz
 #           (default: target/cuda-dist/medrl.xz, else target/cuda-dist/bin/medrl)
 # --out     where results go (default: $OUT if set, else target/gpu-bench)
 # --quick   parity and a short 1x8 rollout only (a smoke test of a new build)
+# --offload tiny parity, then a full 7B learner step with AdamW state in host memory
+#           (optimizer.offload, bf16 moments: ~67 GB of host memory); a call of its own
 #
 # Shared libraries: those of the PyTorch install on the GPU machine (nvidia/cu13/lib and
 # nvidia/nccl/lib under python3's site-packages), else the lib/ folder beside the binary.
@@ -20,12 +22,13 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=""
 OUTDIR=${OUT:-$ROOT/target/gpu-bench}
-QUICK=0
+MODE=full
 while [[ $# -gt 0 ]]; do
   case $1 in
     --bin) BIN=${2:?--bin needs a path}; shift 2 ;;
     --out) OUTDIR=${2:?--out needs a folder}; shift 2 ;;
-    --quick) QUICK=1; shift ;;
+    --quick) MODE=quick; shift ;;
+    --offload) MODE=offload; shift ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu-bench.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -89,15 +92,26 @@ CUDA=(--device cuda --dtype bf16)
 # The first CUDA run JIT-compiles candle's kernels (~20 s on a fresh machine): the tiny parity
 # check pays for it.
 step parity-tiny 60 bench parity "${CUDA[@]}"
-step parity-tiny-f32 30 bench parity --device cuda --dtype f32
-step parity-7b-2layers 120 bench parity --config "$SEVEN_B" --layers 2 "${CUDA[@]}"
-if [[ $QUICK == 1 ]]; then
-  step rollout-7b-1x8-short 120 bench rollout --config "$SEVEN_B" "${CUDA[@]}" --prompts 1 --samples 8 --image-size 448 --prompt-tokens 115 --new-tokens 64
-else
-  # Issue 9's shapes: one 448x448 image (256 tokens) + 115 text tokens, 512 sampled tokens.
-  step rollout-7b 180 bench rollout --config "$SEVEN_B" "${CUDA[@]}" --prompts 1,8,32 --samples 8 --image-size 448 --prompt-tokens 115 --new-tokens 512
-  step learner-7b 120 bench learner --config "$SEVEN_B" "${CUDA[@]}" --sequences 8 --image-size 448 --prompt-tokens 115 --completion-tokens 512 --optimizer none
-  step weight-sync 60 bench weight-sync --mib 4096
-fi
+case $MODE in
+  offload)
+    # The whole step of a full 7B fine-tune on one GPU: forward + backward at the issue's shapes,
+    # gradients to the host, AdamW there, bf16 weights back. The first (warm-up) step also pays
+    # the first touch of ~67 GB of host state.
+    step learner-7b-offload 300 bench learner --config "$SEVEN_B" "${CUDA[@]}" --sequences 8 --image-size 448 --prompt-tokens 115 --completion-tokens 512 --optimizer adamw --offload --moments bf16
+    ;;
+  quick)
+    step parity-tiny-f32 30 bench parity --device cuda --dtype f32
+    step parity-7b-2layers 120 bench parity --config "$SEVEN_B" --layers 2 "${CUDA[@]}"
+    step rollout-7b-1x8-short 120 bench rollout --config "$SEVEN_B" "${CUDA[@]}" --prompts 1 --samples 8 --image-size 448 --prompt-tokens 115 --new-tokens 64
+    ;;
+  full)
+    step parity-tiny-f32 30 bench parity --device cuda --dtype f32
+    step parity-7b-2layers 120 bench parity --config "$SEVEN_B" --layers 2 "${CUDA[@]}"
+    # Issue 9's shapes: one 448x448 image (256 tokens) + 115 text tokens, 512 sampled tokens.
+    step rollout-7b 180 bench rollout --config "$SEVEN_B" "${CUDA[@]}" --prompts 1,8,32 --samples 8 --image-size 448 --prompt-tokens 115 --new-tokens 512
+    step learner-7b 120 bench learner --config "$SEVEN_B" "${CUDA[@]}" --sequences 8 --image-size 448 --prompt-tokens 115 --completion-tokens 512 --optimizer none
+    step weight-sync 60 bench weight-sync --mib 4096
+    ;;
+esac
 log "results in $RESULTS"
 cat "$RESULTS"

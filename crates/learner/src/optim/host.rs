@@ -186,10 +186,12 @@ fn add_scaled_typed<G: Elem>(out: &mut [f32], prior: Option<&[f32]>, grad: &[G],
     });
 }
 
-/// Σ x² over the tensor, squares in f32 summed in f64.
+/// Σ x² over the tensor, squares in f32 summed in f64, the same on every run: blocks are summed
+/// in parallel, then in order (rayon's own `sum` depends on how work was split).
 pub(crate) fn sum_squares(t: &Tensor) -> Result<f64> {
     fn run<T: Elem>(x: &[T]) -> f64 {
-        x.par_chunks(CHUNK).map(|c| c.iter().map(|&v| f64::from(v.to_f32() * v.to_f32())).sum::<f64>()).sum()
+        let blocks: Vec<f64> = x.par_chunks(CHUNK).map(|c| c.iter().map(|&v| f64::from(v.to_f32() * v.to_f32())).sum::<f64>()).collect();
+        blocks.iter().sum()
     }
     with_elems(t, |s| {
         Ok(match s {
