@@ -34,29 +34,25 @@ impl Elem for f32 {
     }
 }
 
-impl Elem for bf16 {
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-    fn from_f32(x: f32) -> Self {
-        bf16::from_f32(x)
-    }
-    fn zeros(n: usize) -> Vec<Self> {
-        vec![bf16::ZERO; n]
-    }
+/// bf16 and f16 convert through `half`'s own f32 conversions.
+macro_rules! half_elem {
+    ($t:ty) => {
+        impl Elem for $t {
+            fn to_f32(self) -> f32 {
+                <$t>::to_f32(self)
+            }
+            fn from_f32(x: f32) -> Self {
+                <$t>::from_f32(x)
+            }
+            fn zeros(n: usize) -> Vec<Self> {
+                vec![<$t>::ZERO; n]
+            }
+        }
+    };
 }
 
-impl Elem for f16 {
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-    fn from_f32(x: f32) -> Self {
-        f16::from_f32(x)
-    }
-    fn zeros(n: usize) -> Vec<Self> {
-        vec![f16::ZERO; n]
-    }
-}
+half_elem!(bf16);
+half_elem!(f16);
 
 /// The elements of a contiguous host tensor, borrowed.
 #[derive(Clone, Copy)]
