@@ -62,11 +62,16 @@ impl GroupBuffer {
         self.in_training
     }
 
-    /// Takes the oldest `n` groups for a step; they stay known until [`Self::release`].
+    /// Takes the oldest `n` groups for a step, ordered by group id; they stay known until
+    /// [`Self::release`]. The order makes a step train the same sequences in the same
+    /// micro-batches however its groups raced in, so that a rerun sums its gradients in the same
+    /// order and takes the same step to the last digit.
     pub fn take(&mut self, n: usize) -> Vec<Accepted> {
         let n = n.min(self.pending.len());
         self.in_training += n;
-        self.pending.drain(..n).collect()
+        let mut taken: Vec<Accepted> = self.pending.drain(..n).collect();
+        taken.sort_by(|a, b| a.group.group_id.cmp(&b.group.group_id));
+        taken
     }
 
     /// Forgets groups a step has finished with (trained and logged, or refused).
@@ -129,5 +134,17 @@ mod tests {
         assert_eq!(b.in_training(), 0);
         assert_eq!(b.drain_pending().len(), 1);
         assert!(b.is_empty() && !b.holds("x", 0, "b"));
+    }
+
+    #[test]
+    fn a_step_takes_its_groups_in_id_order_whatever_their_arrival() {
+        let mut b = GroupBuffer::default();
+        for prompt in ["c", "a", "b", "d"] {
+            b.push(accepted(0, prompt, 1));
+        }
+        let ids: Vec<String> = b.take(3).into_iter().map(|a| a.group.group_id).collect();
+        let want: Vec<String> = ["a", "b", "c"].iter().map(|p| medrl_proto::group_id(0, p, 1)).collect();
+        assert_eq!(ids, want, "the oldest three, sorted");
+        assert_eq!(b.drain_pending()[0].group.prompt_id, "d");
     }
 }
