@@ -102,19 +102,16 @@ fn contiguous_on_host(t: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// Row-major `[rows, cols]` from its row-major transpose `src` (`[cols, rows]`), in tiles.
+/// Row-major `[rows, cols]` from its row-major transpose `src` (`[cols, rows]`), a band of 64
+/// output rows per task: each source row then contributes one short contiguous run per band.
 fn transpose<T: Elem>(src: &[T], rows: usize, cols: usize) -> Vec<T> {
-    const TILE: usize = 64;
+    const BAND: usize = 64;
     let mut out = T::zeros(rows * cols);
-    out.par_chunks_mut(TILE * cols.max(1)).enumerate().for_each(|(b, band)| {
-        let r0 = b * TILE;
-        let band_rows = band.len() / cols.max(1);
-        for c0 in (0..cols).step_by(TILE) {
-            for c in c0..(c0 + TILE).min(cols) {
-                let column = &src[c * rows + r0..c * rows + r0 + band_rows];
-                for (r, &x) in column.iter().enumerate() {
-                    band[r * cols + c] = x;
-                }
+    out.par_chunks_mut(BAND * cols.max(1)).enumerate().for_each(|(b, band)| {
+        let (r0, band_rows) = (b * BAND, band.len() / cols.max(1));
+        for c in 0..cols {
+            for (r, &x) in src[c * rows + r0..c * rows + r0 + band_rows].iter().enumerate() {
+                band[r * cols + c] = x;
             }
         }
     });
