@@ -92,6 +92,25 @@ CUDA=(--device cuda --dtype bf16)
 # The first CUDA run JIT-compiles candle's kernels (~20 s on a fresh machine): the tiny parity
 # check pays for it.
 step parity-tiny 60 bench parity "${CUDA[@]}"
+# A decode-path failure with the other paths in tolerance points at the fused attention kernel:
+# check the candle-ops decode once, and if it passes, measure everything after with it (recorded
+# as `decode_attention: candle-ops` in the rollout lines) rather than spend the call on wrong
+# numbers.
+if python3 - "$RESULTS" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+r = next((r for r in rows if r.get("step") == "parity-tiny" and "pass" in r), None)
+kernel_suspect = r and not r["pass"] and r["decode_max_abs_diff"] > r["tolerance"] >= max(r["train_max_abs_diff"], r["infer_max_abs_diff"])
+sys.exit(0 if kernel_suspect else 1)
+EOF
+then
+  log "decode parity failed with the fused attention kernel; trying candle ops"
+  MEDRL_DECODE_ATTENTION=ops step parity-tiny-ops 60 bench parity "${CUDA[@]}"
+  python3 -c '
+import json, sys
+ok = any(json.loads(l).get("step") == "parity-tiny-ops" and json.loads(l).get("pass") for l in open(sys.argv[1]))
+sys.exit(0 if ok else 1)' "$RESULTS" && export MEDRL_DECODE_ATTENTION=ops && log "using candle-ops decode attention from here on"
+fi
 case $MODE in
   offload)
     # The whole step of a full 7B fine-tune on one GPU: forward + backward at the issue's shapes,
