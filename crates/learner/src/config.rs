@@ -114,9 +114,10 @@ impl OptimizerConfig {
         AdamWConfig { lr: self.lr, beta1: self.beta1, beta2: self.beta2, eps: self.eps, weight_decay: self.weight_decay, moments: self.moments }
     }
 
-    /// Where the optimizer state and the gradient sums live.
+    /// Where the optimizer state and the gradient sums live: offloading is AdamW's (SGD keeps no
+    /// state and steps where its weights are).
     pub fn placement(&self) -> Placement {
-        if self.offload { Placement::Host } else { Placement::WithWeights }
+        if self.offload && self.kind == OptimizerKind::Adamw { Placement::Host } else { Placement::WithWeights }
     }
 }
 

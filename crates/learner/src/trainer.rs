@@ -21,7 +21,7 @@ use crate::care::{answer_confidence, care_bonus, ema_blend, released_answer_span
 use crate::config::{AlgorithmConfig, AlgorithmName, LearnerConfig, OptimizerKind};
 use crate::loss::{Aggregation, PolicyLossInputs, policy_loss};
 use crate::mask::counted_len;
-use crate::optim::{AdamW, GradAccumulator, Optimizer, Placement, Sgd, clip_grad_norm};
+use crate::optim::{AdamW, GradAccumulator, Optimizer, Sgd, clip_grad_norm};
 use crate::policy::Policy;
 use crate::schedule::LrSchedule;
 use crate::{Error, Result};
@@ -271,11 +271,7 @@ impl Trainer {
             }
         };
         let vars = self.policy.vars();
-        let placement = match self.optimizer {
-            Opt::AdamW(_) => self.config.optimizer.placement(),
-            Opt::Sgd(_) => Placement::WithWeights,
-        };
-        let mut acc = GradAccumulator::new(vars.clone(), placement);
+        let mut acc = GradAccumulator::new(vars.clone(), self.config.optimizer.placement());
         let mut loss_total = 0.0;
         let model = &self.vlm.model;
         let device = model.device().clone();

@@ -19,7 +19,6 @@ const CHUNK: usize = 1 << 15;
 trait Elem: WithDType {
     fn to_f32(self) -> f32;
     fn from_f32(x: f32) -> Self;
-    fn zeros(n: usize) -> Vec<Self>;
 }
 
 impl Elem for f32 {
@@ -28,9 +27,6 @@ impl Elem for f32 {
     }
     fn from_f32(x: f32) -> Self {
         x
-    }
-    fn zeros(n: usize) -> Vec<Self> {
-        vec![0.0; n]
     }
 }
 
@@ -43,9 +39,6 @@ macro_rules! half_elem {
             }
             fn from_f32(x: f32) -> Self {
                 <$t>::from_f32(x)
-            }
-            fn zeros(n: usize) -> Vec<Self> {
-                vec![<$t>::ZERO; n]
             }
         }
     };
@@ -63,9 +56,10 @@ enum Slice<'a> {
 }
 
 /// Calls `f` with the elements of `t` in row-major order: a GPU tensor is made contiguous there
-/// and copied over, a host one is made contiguous here if needed (free when it already is).
+/// and copied over, a host one is made contiguous if needed (free when it already is, as the
+/// gradients of candle's backward pass are).
 fn with_elems<R>(t: &Tensor, f: impl FnOnce(Slice<'_>) -> Result<R>) -> Result<R> {
-    let host = if t.device().is_cpu() { contiguous_on_host(t)? } else { t.contiguous()?.to_device(&Device::Cpu)? };
+    let host = t.contiguous()?.to_device(&Device::Cpu)?;
     let (storage, layout) = host.storage_and_layout();
     let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
         return Err(Error::Input("host optimizer kernels need a contiguous host tensor".into()));
@@ -76,46 +70,6 @@ fn with_elems<R>(t: &Tensor, f: impl FnOnce(Slice<'_>) -> Result<R>) -> Result<R
         CpuStorage::F16(v) => f(Slice::F16(&v[start..end])),
         _ => Err(Error::Input(format!("host optimizer kernels take f32, bf16 or f16 tensors, got {:?}", host.dtype()))),
     }
-}
-
-/// `t` made contiguous, with the transposed matrices that weight gradients are (the backward of
-/// `x · Wᵀ`) copied in blocks on all cores: candle copies strided tensors element by element on
-/// one core, at a fraction of memory speed.
-fn contiguous_on_host(t: &Tensor) -> Result<Tensor> {
-    if t.is_contiguous() {
-        return Ok(t.clone());
-    }
-    let transposed = t.t()?;
-    if t.rank() != 2 || !transposed.is_contiguous() {
-        return Ok(t.contiguous()?);
-    }
-    let (rows, cols) = t.dims2()?;
-    let (storage, layout) = transposed.storage_and_layout();
-    let (Storage::Cpu(cpu), Some((start, end))) = (&*storage, layout.contiguous_offsets()) else {
-        return Ok(t.contiguous()?);
-    };
-    match cpu {
-        CpuStorage::F32(v) => host_tensor(transpose(&v[start..end], rows, cols), &[rows, cols]),
-        CpuStorage::BF16(v) => host_tensor(transpose(&v[start..end], rows, cols), &[rows, cols]),
-        CpuStorage::F16(v) => host_tensor(transpose(&v[start..end], rows, cols), &[rows, cols]),
-        _ => Ok(t.contiguous()?),
-    }
-}
-
-/// Row-major `[rows, cols]` from its row-major transpose `src` (`[cols, rows]`), a band of 64
-/// output rows per task: each source row then contributes one short contiguous run per band.
-fn transpose<T: Elem>(src: &[T], rows: usize, cols: usize) -> Vec<T> {
-    const BAND: usize = 64;
-    let mut out = T::zeros(rows * cols);
-    out.par_chunks_mut(BAND * cols.max(1)).enumerate().for_each(|(b, band)| {
-        let (r0, band_rows) = (b * BAND, band.len() / cols.max(1));
-        for c in 0..cols {
-            for (r, &x) in src[c * rows + r0..c * rows + r0 + band_rows].iter().enumerate() {
-                band[r * cols + c] = x;
-            }
-        }
-    });
-    out
 }
 
 fn host_tensor<T: Elem>(v: Vec<T>, shape: &[usize]) -> Result<Tensor> {
@@ -132,10 +86,7 @@ pub(crate) fn accumulate(sum: Option<&Tensor>, grad: &Tensor, scale: f32) -> Res
     {
         return Err(Error::Input(format!("gradient sum {:?} and gradient {:?} differ in shape", s.dims(), shape)));
     }
-    if sum.is_none() && scale == 1.0 && grad.dtype() == DType::F32 && grad.device().is_cpu() {
-        return contiguous_on_host(grad); // the first micro-batch: nothing to add to
-    }
-    let mut out = f32::zeros(n);
+    let mut out = vec![0f32; n];
     with_elems(grad, |g| match sum {
         Some(s) => with_elems(s, |prior| match prior {
             Slice::F32(prior) => {
@@ -252,11 +203,14 @@ enum WeightOut<'a> {
 }
 
 fn to_vec<T: Elem>(t: &Tensor) -> Result<Vec<T>> {
+    fn convert<S: Elem, T: Elem>(x: &[S]) -> Vec<T> {
+        x.par_iter().map(|&v| T::from_f32(v.to_f32())).collect()
+    }
     with_elems(t, |s| {
         Ok(match s {
-            Slice::F32(x) => x.par_iter().map(|&v| T::from_f32(v)).collect::<Vec<T>>(),
-            Slice::Bf16(x) => x.par_iter().map(|&v| T::from_f32(v.to_f32())).collect(),
-            Slice::F16(x) => x.par_iter().map(|&v| T::from_f32(v.to_f32())).collect(),
+            Slice::F32(x) => convert(x),
+            Slice::Bf16(x) => convert(x),
+            Slice::F16(x) => convert(x),
         })
     })
 }
@@ -301,19 +255,16 @@ impl HostState {
             return Err(Error::Input(format!("gradient {:?} does not match the weights {:?}", grad.dims(), self.shape)));
         }
         let n = self.master.len();
+        // The scratch only grows, to the largest parameter's size.
+        fn room<T: Elem>(v: &mut Vec<T>, n: usize) -> &mut [T] {
+            if v.len() < n {
+                v.resize(n, T::from_f32(0.0));
+            }
+            &mut v[..n]
+        }
         let out = match self.weight_dtype {
-            DType::BF16 => {
-                if scratch.bf16.len() < n {
-                    scratch.bf16.resize(n, bf16::ZERO);
-                }
-                WeightOut::Bf16(&mut scratch.bf16[..n])
-            }
-            DType::F16 => {
-                if scratch.f16.len() < n {
-                    scratch.f16.resize(n, f16::ZERO);
-                }
-                WeightOut::F16(&mut scratch.f16[..n])
-            }
+            DType::BF16 => WeightOut::Bf16(room(&mut scratch.bf16, n)),
+            DType::F16 => WeightOut::F16(room(&mut scratch.f16, n)),
             _ => WeightOut::Master,
         };
         with_elems(grad, |g| {
@@ -407,7 +358,7 @@ mod tests {
         let halved = scaled(&sum, 0.5)?.flatten_all()?.to_vec1::<f32>()?;
         assert!(halved.iter().zip(&want).all(|(h, w)| *h == w * 0.5));
 
-        // A transposed gradient (what `x · Wᵀ` gives W) reads in logical order, across tiles.
+        // A transposed (strided) tensor reads in logical order.
         let m = Tensor::new(want.as_slice(), &dev)?.reshape((n / 3, 3))?;
         let mt = m.t()?.contiguous()?.t()?;
         assert!(!mt.is_contiguous());

@@ -270,6 +270,11 @@ fn model_parameters(model: &Qwen25Vl) -> usize {
     medrl_model::weights::expected_shapes(&model.config).iter().map(|(_, s)| s.iter().product::<usize>()).sum()
 }
 
+/// A flag that takes a run-config value, read by the config's own names (`no_vision`, `bf16`).
+fn config_value<T: serde::de::DeserializeOwned>(flag: &str, value: &str) -> Result<T> {
+    serde_json::from_value(serde_json::Value::String(value.into())).with_context(|| format!("{flag} {value}"))
+}
+
 fn learner(a: LearnerArgs) -> Result<()> {
     use medrl_learner::config::{LearnerConfig, Trainable};
     use medrl_learner::loss::{PolicyLossConfig, PolicyLossInputs, mask_from_lengths, policy_loss};
@@ -277,22 +282,13 @@ fn learner(a: LearnerArgs) -> Result<()> {
     use medrl_learner::policy::Policy;
 
     let (dtype, device) = (a.runtime.dtype()?, a.runtime.device()?);
-    let trainable = match a.trainable.as_str() {
-        "all" => Trainable::All,
-        "no_vision" => Trainable::NoVision,
-        "lora" => Trainable::Lora,
-        other => bail!("--trainable {other}: expected all, no_vision or lora"),
-    };
+    let trainable: Trainable = config_value("--trainable", &a.trainable)?;
     let with_optimizer = match a.optimizer.as_str() {
         "adamw" => true,
         "none" => false,
         other => bail!("--optimizer {other}: expected adamw or none"),
     };
-    let moments = match a.moments.as_str() {
-        "f32" => MomentDType::F32,
-        "bf16" => MomentDType::Bf16,
-        other => bail!("--moments {other}: expected f32 or bf16"),
-    };
+    let moments: MomentDType = config_value("--moments", &a.moments)?;
     let config = a.model.config()?;
     let weights = Weights::random(&config, 0, dtype, &device)?;
     let mut cfg = LearnerConfig { trainable, ..LearnerConfig::default() };
