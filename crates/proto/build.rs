@@ -21,6 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".medrl.v1.WeightChunk.data")
         .bytes(".medrl.v1.PublishNcclIdRequest.unique_id")
         .bytes(".medrl.v1.NcclRendezvous.unique_id")
+        // prost's format with the whole message reserved before encoding (`src/codec.rs`).
+        .codec_path("crate::codec::ReservingCodec")
         .file_descriptor_set_path(out.join("medrl_descriptor.bin"))
         .compile_with_config(config, &[proto], &[proto_dir])?;
     Ok(())

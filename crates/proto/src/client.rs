@@ -9,7 +9,7 @@ use tonic::transport::{Channel, Endpoint};
 use crate::auth::ClientAuth;
 use crate::error::ProtoError;
 use crate::security::{Security, TlsSettings};
-use crate::server::{DEFAULT_MAX_MESSAGE_BYTES, HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_STREAM_WINDOW_BYTES};
+use crate::server::{DEFAULT_MAX_MESSAGE_BYTES, HTTP2_CONNECTION_WINDOW_BYTES, HTTP2_MAX_FRAME_BYTES, HTTP2_STREAM_WINDOW_BYTES};
 use crate::v1::coordinator_client::CoordinatorClient;
 use crate::v1::learner_client::LearnerClient;
 use crate::v1::weights_client::WeightsClient;
@@ -81,6 +81,7 @@ pub async fn connect(endpoint: &str, options: &ClientOptions) -> Result<Channel,
         .tcp_nodelay(true)
         .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
         .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
+        .max_frame_size(HTTP2_MAX_FRAME_BYTES)
         .http2_keep_alive_interval(options.keepalive_interval)
         .keep_alive_while_idle(true);
     if let Some(timeout) = options.request_timeout {

@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod codec;
 pub mod error;
 pub mod ids;
 pub mod metrics;

@@ -36,6 +36,9 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 pub const HTTP2_STREAM_WINDOW_BYTES: u32 = 8 << 20;
 /// HTTP/2 flow-control window per connection (several streams share one).
 pub const HTTP2_CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
+/// Largest HTTP/2 frame either side accepts: the protocol's 16 KiB default cuts a 4 MiB weight
+/// chunk into 256 frames, each one a wake-up and a copy into the gRPC decoder.
+pub const HTTP2_MAX_FRAME_BYTES: u32 = 1 << 20;
 
 /// Settings shared by every medrl server.
 #[derive(Debug, Clone)]
@@ -126,6 +129,7 @@ impl GrpcServer {
             .tcp_nodelay(true)
             .initial_stream_window_size(HTTP2_STREAM_WINDOW_BYTES)
             .initial_connection_window_size(HTTP2_CONNECTION_WINDOW_BYTES)
+            .max_frame_size(HTTP2_MAX_FRAME_BYTES)
             .http2_keepalive_interval(options.http2_keepalive_interval)
             .concurrency_limit_per_connection(options.concurrency_limit_per_connection);
         match &options.tls {
