@@ -54,25 +54,25 @@ impl Policy {
     }
 
     /// Decodes `blob` as weights of `version` and rebuilds the model from them; on any error the
-    /// weights held stay in place, untouched.
-    pub async fn install(&mut self, version: u64, blob: Bytes) -> Result<(), WeightError> {
+    /// weights held stay in place, untouched. Gives the blob back for the next fetch to write
+    /// into (`medrl_weight_sync::reusable_buffer`).
+    pub async fn install(&mut self, version: u64, blob: Bytes) -> Result<Bytes, WeightError> {
         let config = self.vlm.model.config.clone();
         let (dir, dtype, device) = (self.dir.clone(), self.dtype, self.device.clone());
         let vlm = tokio::task::spawn_blocking(move || {
             let weights =
                 medrl_weight_sync::decode_weights(&blob, &config, dtype, &device).map_err(|cause| WeightError::Decode { version, cause })?;
-            // The blob is no longer needed; free it before the model's copies are built.
-            drop(blob);
             let mut model = Qwen25Vl::new(config, &weights, dtype, &device).map_err(|cause| WeightError::Build { version, cause })?;
             // Only the model holds the separate projections now, so fusing frees them layer by layer.
             drop(weights);
             model.fuse_projections().map_err(|cause| WeightError::Build { version, cause })?;
-            Vlm::from_parts(&dir, model).map_err(|cause| WeightError::Build { version, cause })
+            let vlm = Vlm::from_parts(&dir, model).map_err(|cause| WeightError::Build { version, cause })?;
+            Ok::<_, WeightError>((vlm, blob))
         })
         .await
         .map_err(|e| WeightError::Task(e.to_string()))??;
-        self.vlm = Arc::new(vlm);
+        self.vlm = Arc::new(vlm.0);
         self.version = version;
-        Ok(())
+        Ok(vlm.1)
     }
 }

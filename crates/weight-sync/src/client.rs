@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use medrl_proto::client::AuthedChannel;
 use medrl_proto::v1::FetchWeightsRequest;
 use medrl_proto::v1::weights_client::WeightsClient;
@@ -34,19 +34,25 @@ impl Default for FetchOptions {
 /// returns the version and the verified blob.
 pub async fn fetch_weights(channel: Channel, min_version: u64, timeout: Duration) -> Result<(u64, Bytes)> {
     let client = ClientOptions::default().weights(channel);
-    let fetched = fetch_weights_with(client, min_version, &FetchOptions { timeout, ..FetchOptions::default() }).await?;
+    let fetched = fetch_weights_with(client, min_version, &FetchOptions { timeout, ..FetchOptions::default() }, BytesMut::new()).await?;
     Ok((fetched.version, fetched.blob))
 }
 
-/// Fetches with an already configured client (auth, message limits) and explicit options.
-pub async fn fetch_weights_with(mut client: WeightsClient<AuthedChannel>, min_version: u64, options: &FetchOptions) -> Result<FetchedWeights> {
+/// Fetches with an already configured client (auth, message limits) and explicit options, into
+/// `buffer` (empty, or an earlier blob's memory from [`crate::reusable_buffer`]).
+pub async fn fetch_weights_with(
+    mut client: WeightsClient<AuthedChannel>,
+    min_version: u64,
+    options: &FetchOptions,
+    buffer: BytesMut,
+) -> Result<FetchedWeights> {
     let span = tracing::info_span!("fetch_weights", min_version);
     let started = Instant::now();
     let transfer = async move {
         // The deadline also travels to the server, which then stops waiting for the version.
         let request = with_deadline(FetchWeightsRequest { min_version }, options.timeout);
         let mut stream = client.fetch_weights(request).await?.into_inner();
-        let mut assembler = Assembler::new(min_version, options.max_total_bytes);
+        let mut assembler = Assembler::new(min_version, options.max_total_bytes, buffer);
         // A stream error mid-way (server gone, deadline) is an error: the partial blob is dropped.
         while let Some(chunk) = stream.message().await? {
             assembler.push(chunk)?;

@@ -10,7 +10,7 @@
 use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 
-use bytes::Bytes;
+use bytes::BytesMut;
 use sha2::{Digest, Sha256};
 
 /// Lowercase hex SHA-256 of `bytes` (images and other small content-addressed data).
@@ -23,11 +23,8 @@ pub const PIECE_BYTES: usize = 4 << 20;
 
 type PieceDigest = [u8; 32];
 
-/// The SHA-256 of one piece, given as the fragments it arrived in.
-fn hash_fragments<B: AsRef<[u8]>>(fragments: &[B]) -> PieceDigest {
-    let mut h = Sha256::new();
-    fragments.iter().for_each(|f| h.update(f));
-    h.finalize().into()
+fn hash_piece(piece: &[u8]) -> PieceDigest {
+    Sha256::digest(piece).into()
 }
 
 fn combine(pieces: &[PieceDigest]) -> String {
@@ -47,22 +44,25 @@ pub fn blob_digest(blob: &[u8]) -> String {
     let per_thread = pieces.len().div_ceil(hash_threads());
     std::thread::scope(|s| {
         for (slots, work) in digests.chunks_mut(per_thread).zip(pieces.chunks(per_thread)) {
-            s.spawn(move || slots.iter_mut().zip(work).for_each(|(slot, piece)| *slot = hash_fragments(&[*piece])));
+            s.spawn(move || slots.iter_mut().zip(work).for_each(|(slot, piece)| *slot = hash_piece(piece)));
         }
     });
     combine(&digests)
 }
 
-/// Worker threads hashing pieces sent to them, answering with (index, digest).
+/// A piece of the blob with its place in it.
+type Piece = (usize, BytesMut);
+
+/// Worker threads that hash the pieces sent to them and hand each back with its digest.
 struct Pool {
-    jobs: mpsc::Sender<(usize, Vec<Bytes>)>,
-    results: mpsc::Receiver<(usize, PieceDigest)>,
+    jobs: mpsc::Sender<Piece>,
+    results: mpsc::Receiver<(Piece, PieceDigest)>,
     workers: Vec<JoinHandle<()>>,
 }
 
 impl Pool {
     fn new() -> Self {
-        let (jobs, queue) = mpsc::channel::<(usize, Vec<Bytes>)>();
+        let (jobs, queue) = mpsc::channel::<Piece>();
         let (done, results) = mpsc::channel();
         let queue = Arc::new(Mutex::new(queue));
         let workers = (0..hash_threads())
@@ -75,8 +75,9 @@ impl Pool {
                             Ok(q) => q.recv(),
                             Err(_) => return,
                         };
-                        let Ok((index, fragments)) = job else { return };
-                        if done.send((index, hash_fragments(&fragments))).is_err() {
+                        let Ok(piece) = job else { return };
+                        let digest = hash_piece(&piece.1);
+                        if done.send((piece, digest)).is_err() {
                             return;
                         }
                     }
@@ -87,79 +88,100 @@ impl Pool {
     }
 }
 
-/// Hashes a blob that arrives in chunks of any size: from the first complete piece on, pieces go
-/// to worker threads (one per core, at most 16), so hashing overlaps receiving. The chunks are
-/// shared (`Bytes`), not copied.
-#[derive(Default)]
+/// Receives a blob into one buffer and hashes it while it arrives: each complete piece is split
+/// off the front of the buffer (no copy) and hashed on a worker thread (one per core, at most
+/// 16), which hands it back. [`PieceHasher::finish`] rejoins the pieces, which lie side by side
+/// in one allocation, so the blob is never copied after it is written. The data written need
+/// not stay alive: the stream's chunks can go back to the transport at once.
 pub struct PieceHasher {
     pool: Option<Pool>,
-    /// Fragments of the piece being filled, and its length so far.
-    open: Vec<Bytes>,
-    open_len: usize,
+    /// The piece being filled; its free capacity is where the rest of the blob goes.
+    open: BytesMut,
     /// Pieces handed out so far.
     pieces: usize,
-    /// Digests computed on the caller's thread (a lone last piece, or no worker to take one).
-    local: Vec<(usize, PieceDigest)>,
+    /// Pieces hashed on the caller's thread (no worker left to take them).
+    local: Vec<(Piece, PieceDigest)>,
 }
 
 impl std::fmt::Debug for PieceHasher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PieceHasher").field("pieces", &self.pieces).field("open_len", &self.open_len).finish()
+        f.debug_struct("PieceHasher").field("pieces", &self.pieces).field("open_len", &self.open.len()).finish()
     }
 }
 
 impl PieceHasher {
-    /// A hasher with nothing received yet; its threads start with the first complete piece.
-    pub fn new() -> Self {
-        Self::default()
+    /// Writes into `buffer` (emptied first; its memory is reused when large enough). Threads
+    /// start with the first complete piece.
+    pub fn new(mut buffer: BytesMut) -> Self {
+        buffer.clear();
+        PieceHasher { pool: None, open: buffer, pieces: 0, local: Vec::new() }
     }
 
-    /// Takes the next bytes of the blob.
-    pub fn update(&mut self, mut data: Bytes) {
+    /// Makes room for `additional` more bytes in one allocation, so the pieces stay adjacent.
+    pub fn reserve(&mut self, additional: usize) {
+        self.open.reserve(additional);
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> usize {
+        self.pieces * PIECE_BYTES + self.open.len()
+    }
+
+    /// Whether nothing was written yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Appends the next bytes of the blob.
+    pub fn extend_from_slice(&mut self, mut data: &[u8]) {
         while !data.is_empty() {
-            let take = data.len().min(PIECE_BYTES - self.open_len);
-            self.open.push(data.split_to(take));
-            self.open_len += take;
-            if self.open_len == PIECE_BYTES {
-                let piece = self.take_open();
+            let take = data.len().min(PIECE_BYTES - self.open.len());
+            self.open.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.open.len() == PIECE_BYTES {
+                let piece = (self.pieces, self.open.split_to(PIECE_BYTES));
+                self.pieces += 1;
                 let pool = self.pool.get_or_insert_with(Pool::new);
-                if let Err(mpsc::SendError((index, fragments))) = pool.jobs.send(piece) {
+                if let Err(mpsc::SendError(piece)) = pool.jobs.send(piece) {
                     // Every worker is gone: hash here rather than lose the piece.
-                    self.local.push((index, hash_fragments(&fragments)));
+                    let digest = hash_piece(&piece.1);
+                    self.local.push((piece, digest));
                 }
             }
         }
     }
 
-    /// Closes the open piece: its index and fragments.
-    fn take_open(&mut self) -> (usize, Vec<Bytes>) {
-        self.open_len = 0;
-        self.pieces += 1;
-        (self.pieces - 1, std::mem::take(&mut self.open))
-    }
-
-    /// Waits for every piece and returns the blob's digest (lowercase hex).
-    pub fn finish(mut self) -> String {
-        if self.open_len > 0 || self.pieces == 0 {
-            let (index, fragments) = self.take_open();
-            self.local.push((index, hash_fragments(&fragments)));
-        }
-        let mut digests = vec![[0u8; 32]; self.pieces];
+    /// Waits for every piece; returns the whole blob and its digest (lowercase hex), or `None`
+    /// if a hashing thread died with a piece.
+    pub fn finish(mut self) -> Option<(BytesMut, String)> {
+        let mut done: Vec<Option<(BytesMut, PieceDigest)>> = (0..self.pieces).map(|_| None).collect();
         let mut missing = self.pieces - self.local.len();
-        for (index, digest) in self.local.drain(..) {
-            digests[index] = digest;
+        for ((index, piece), digest) in self.local.drain(..) {
+            done[index] = Some((piece, digest));
         }
         if let Some(pool) = self.pool.take() {
             drop(pool.jobs);
-            // Ends early only if a worker died; its piece stays zero and the digest cannot match.
             while missing > 0 {
-                let Ok((index, digest)) = pool.results.recv() else { break };
-                digests[index] = digest;
+                let Ok(((index, piece), digest)) = pool.results.recv() else { break };
+                done[index] = Some((piece, digest));
                 missing -= 1;
             }
             pool.workers.into_iter().for_each(|w| drop(w.join()));
         }
-        combine(&digests)
+        let mut blob = BytesMut::new();
+        let mut digests = Vec::with_capacity(self.pieces + 1);
+        for slot in done {
+            let (piece, digest) = slot?;
+            // Adjacent pieces of one allocation: `unsplit` only moves the end.
+            blob.unsplit(piece);
+            digests.push(digest);
+        }
+        // The open piece is the last one, unless it is empty and earlier pieces exist.
+        if !self.open.is_empty() || self.pieces == 0 {
+            digests.push(hash_piece(&self.open));
+        }
+        blob.unsplit(self.open);
+        Some((blob, combine(&digests)))
     }
 }
 
@@ -182,17 +204,36 @@ mod tests {
 
     #[test]
     fn streamed_hashing_equals_whole_blob_hashing_for_any_chunking() {
-        let b = Bytes::from(blob(3 * PIECE_BYTES + 1234));
+        let b = blob(3 * PIECE_BYTES + 1234);
         for chunk in [1 << 20, PIECE_BYTES, PIECE_BYTES + 7, 3 * PIECE_BYTES - 1, b.len()] {
-            let mut h = PieceHasher::new();
-            let mut at = 0;
-            while at < b.len() {
-                let end = b.len().min(at + chunk);
-                h.update(b.slice(at..end));
-                at = end;
-            }
-            assert_eq!(h.finish(), blob_digest(&b), "chunks of {chunk}");
+            let mut h = PieceHasher::new(BytesMut::new());
+            h.reserve(b.len());
+            b.chunks(chunk).for_each(|c| h.extend_from_slice(c));
+            assert_eq!(h.len(), b.len());
+            let (got, digest) = h.finish().expect("no thread died");
+            assert_eq!(digest, blob_digest(&b), "chunks of {chunk}");
+            assert!(got == b, "chunks of {chunk}: the rejoined blob differs");
         }
-        assert_eq!(PieceHasher::new().finish(), blob_digest(&[]));
+        let exact = blob(2 * PIECE_BYTES);
+        let mut h = PieceHasher::new(BytesMut::new());
+        h.extend_from_slice(&exact);
+        assert_eq!(h.finish().map(|(_, d)| d), Some(blob_digest(&exact)), "a blob of whole pieces");
+        let (empty, digest) = PieceHasher::new(BytesMut::from(&b"stale"[..])).finish().expect("empty");
+        assert!(empty.is_empty());
+        assert_eq!(digest, blob_digest(&[]));
+    }
+
+    #[test]
+    fn pieces_are_rejoined_without_a_copy() {
+        let b = blob(2 * PIECE_BYTES + 10);
+        let mut h = PieceHasher::new(BytesMut::with_capacity(b.len()));
+        let mut buffer_start = None;
+        for c in b.chunks(1 << 20) {
+            h.extend_from_slice(c);
+            buffer_start.get_or_insert(h.open.as_ptr());
+        }
+        let (got, _) = h.finish().expect("no thread died");
+        assert_eq!(Some(got.as_ptr()), buffer_start, "the blob must stay where it was written");
+        assert!(got == b);
     }
 }

@@ -77,6 +77,13 @@ pub enum WeightSyncError {
         actual: String,
     },
 
+    /// A thread hashing the received blob died, taking part of it along.
+    #[error("weight stream of version {version}: a hashing thread died; the blob is incomplete")]
+    Hashing {
+        /// Version being received.
+        version: u64,
+    },
+
     /// The call failed with a gRPC status (including a server-side wait that ran out).
     #[error("weights call failed: {0}")]
     Status(Box<tonic::Status>),

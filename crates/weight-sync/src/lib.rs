@@ -5,7 +5,7 @@
 //! - [`WeightPublisher`]: the learner publishes each version's blob; it serves `medrl.v1.Weights`,
 //!   streaming the newest version in chunks that carry version, offset, size and digest ([`digest`]).
 //! - [`fetch_weights`]: a worker reassembles and verifies a version; a half or corrupt transfer
-//!   is an error and is never returned.
+//!   is an error and is never returned. [`reusable_buffer`] hands a blob's memory to the next fetch.
 //! - [`bench_loopback`]: loopback GB/s of the stream.
 //! - `nccl` (feature `cuda`, untested here): NCCL broadcast of flat buffers from rank 0.
 
@@ -21,8 +21,8 @@ pub mod error;
 pub mod nccl;
 pub mod publisher;
 
-pub use assemble::{Assembler, FetchedWeights};
-pub use bench::{LoopbackReport, bench_loopback};
+pub use assemble::{Assembler, FetchedWeights, reusable_buffer};
+pub use bench::{FetchTiming, LoopbackReport, bench_loopback};
 pub use client::{FetchOptions, fetch_weights, fetch_weights_with};
 pub use codec::{FORMAT, decode_weights, encode_weights};
 pub use error::{Result, WeightSyncError};

@@ -387,14 +387,18 @@ fn learner(a: LearnerArgs) -> Result<()> {
 fn weight_sync(a: WeightSyncArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let r = runtime.block_on(medrl_weight_sync::bench_loopback(a.mib << 20, a.chunk_kib << 10))?;
+    let gb = (a.mib << 20) as f64 / 1e9;
+    let fetch = |t: &medrl_weight_sync::FetchTiming| serde_json::json!({ "seconds": t.seconds, "gb_per_s": t.gb_per_s, "cpu_s": t.cpu_s, "cpu_s_per_gb": t.cpu_s.map(|cpu| cpu / gb) });
     let report = serde_json::json!({
         "bench": "weight-sync",
         "transport": "grpc",
         "bytes": a.mib << 20,
         "chunk_bytes": a.chunk_kib << 10,
         "publish_s": r.publish_s,
-        "fetch_s": r.fetch_s,
-        "gb_per_s": r.gb_per_s,
+        "fetch_s": r.cold.seconds,
+        "gb_per_s": r.cold.gb_per_s,
+        "cold": fetch(&r.cold),
+        "warm": fetch(&r.warm),
     });
     println!("{report}");
     Ok(())
