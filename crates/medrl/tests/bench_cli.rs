@@ -1,7 +1,8 @@
 //! `medrl bench` as a real process on the tiny model: the parity check passes in f32 and bf16 with
 //! differences of the size each dtype gives and fails past its tolerance; rollout prints one line
-//! per batch size of a list; the learner runs forward + backward without an optimizer; the 7B
-//! config the GPU benchmarks use has Qwen2.5-VL-7B's parameter count.
+//! per batch size of a list; the learner runs forward + backward without an optimizer; the weight
+//! stream carries a model's blob or random bytes, timing each side; the 7B config the GPU
+//! benchmarks use has Qwen2.5-VL-7B's parameter count.
 
 use std::process::{Command, Output};
 
@@ -74,6 +75,28 @@ fn learner_without_optimizer_and_bad_arguments() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
+}
+
+#[test]
+fn weight_sync_streams_a_model_blob_or_random_bytes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = medrl_model::tiny::create_tiny(dir.path(), &medrl_model::tiny::TinySpec::default()).expect("tiny model");
+    let params: f64 = medrl_model::weights::expected_shapes(&config).iter().map(|(_, s)| s.iter().product::<usize>() as f64).sum();
+    let path = dir.path().join("config.json");
+    let report = &json_lines(&medrl(&["bench", "weight-sync", "--config", path.to_str().expect("utf-8 path"), "--dtype", "bf16"]))[0];
+    assert_eq!((report["blob"].as_str(), report["dtype"].as_str()), (Some("model"), Some("bf16")), "{report}");
+    // Two bytes a parameter plus the safetensors header.
+    let header = number(report, "bytes") - 2.0 * params;
+    assert!((8.0..64.0 * 1024.0).contains(&header), "{header} header bytes: {report}");
+    for key in ["encode_s", "publish_s", "decode_s"] {
+        assert!(number(report, key) > 0.0, "{key}: {report}");
+    }
+    for fetch in ["cold", "warm"] {
+        assert!(number(&report[fetch], "gb_per_s") > 0.0, "{fetch}: {report}");
+    }
+    let random = &json_lines(&medrl(&["bench", "weight-sync", "--mib", "2"]))[0];
+    assert_eq!((random["blob"].as_str(), number(random, "bytes")), (Some("random"), 2.0 * 1024.0 * 1024.0), "{random}");
+    assert!(random["encode_s"].is_null() && random["decode_s"].is_null(), "{random}");
 }
 
 #[test]

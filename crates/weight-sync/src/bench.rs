@@ -19,7 +19,7 @@ use crate::publisher::{PublisherOptions, WeightPublisher};
 
 /// Bytes that do not compress and cost little to make (splitmix64), so the figure measures the
 /// transport, not a generator or a lucky compression.
-fn pseudo_random_blob(size: usize, seed: u64) -> Bytes {
+pub fn pseudo_random_blob(size: usize, seed: u64) -> Bytes {
     let mut state = seed;
     let mut out = Vec::with_capacity(size + 8);
     while out.len() < size {
@@ -68,11 +68,11 @@ fn process_cpu_seconds() -> Option<f64> {
     Some(ticks as f64 / 100.0)
 }
 
-/// Publishes a `size_bytes` blob on a loopback server with `chunk_bytes` chunks and fetches it
-/// twice with one client: into fresh memory, then into the first blob's memory.
-pub async fn bench_loopback(size_bytes: usize, chunk_bytes: usize) -> Result<LoopbackReport> {
-    let span = tracing::info_span!("bench_loopback", size_bytes, chunk_bytes);
-    run(size_bytes, chunk_bytes).instrument(span).await
+/// Publishes `blob` on a loopback server with `chunk_bytes` chunks and fetches it twice with
+/// one client: into fresh memory, then into the first fetch's memory.
+pub async fn bench_loopback(blob: Bytes, chunk_bytes: usize) -> Result<LoopbackReport> {
+    let span = tracing::info_span!("bench_loopback", size_bytes = blob.len(), chunk_bytes);
+    run(blob, chunk_bytes).instrument(span).await
 }
 
 async fn timed_fetch(client: &WeightsClient<AuthedChannel>, buffer: BytesMut, size_bytes: usize) -> Result<(FetchTiming, Bytes)> {
@@ -90,12 +90,12 @@ async fn timed_fetch(client: &WeightsClient<AuthedChannel>, buffer: BytesMut, si
     Ok((FetchTiming { seconds, gb_per_s, cpu_s }, fetched.blob))
 }
 
-async fn run(size_bytes: usize, chunk_bytes: usize) -> Result<LoopbackReport> {
+async fn run(blob: Bytes, chunk_bytes: usize) -> Result<LoopbackReport> {
+    let size_bytes = blob.len();
     if size_bytes == 0 {
-        return Err(WeightSyncError::Config { field: "size_bytes", problem: "must be at least 1".into() });
+        return Err(WeightSyncError::Config { field: "blob", problem: "must hold at least 1 byte".into() });
     }
     let publisher = WeightPublisher::new(PublisherOptions { chunk_bytes, ..PublisherOptions::default() })?;
-    let blob = pseudo_random_blob(size_bytes, 7);
     let started = Instant::now();
     publisher.publish(1, blob)?;
     let publish_s = started.elapsed().as_secs_f64();

@@ -6,7 +6,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use bytes::Bytes;
 use candle_core::safetensors::Load;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use safetensors::tensor::{Metadata, TensorInfo};
 use medrl_model::config::Config;
 use medrl_model::weights::{Weights, expected_shapes, legacy_name};
 
@@ -20,28 +21,54 @@ fn is_float(dtype: DType) -> bool {
     matches!(dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64)
 }
 
-/// Serialises every tensor of `weights` in `dtype` (on the CPU) as one safetensors buffer.
+/// Serialises every tensor of `weights` in `dtype` as one safetensors buffer, byte for byte what
+/// `safetensors::serialize` writes (tensors by name, header padded to 8 bytes). Each tensor is
+/// converted and copied straight into its place in the blob, one at a time: the blob is the only
+/// allocation of its size, where `serialize` over candle tensors copies every tensor twice more
+/// (`View::data` owns a copy) and faults in the memory of each copy.
 pub fn encode_weights(weights: &Weights, dtype: DType) -> Result<Bytes> {
     let _span = tracing::debug_span!("encode_weights", tensors = weights.len(), dtype = ?dtype).entered();
     if !is_float(dtype) {
         return Err(WeightSyncError::Config { field: "dtype", problem: format!("{dtype:?} is not a float dtype") });
     }
-    let mut tensors: Vec<(String, Tensor)> = Vec::with_capacity(weights.len());
-    for (name, tensor) in weights.iter() {
-        // The safetensors view of a candle tensor copies its storage; a CPU, contiguous tensor
-        // in the target dtype makes that copy the only one and keeps it infallible.
-        let converted = tensor
-            .to_dtype(dtype)
-            .and_then(|t| t.to_device(&Device::Cpu))
-            .and_then(|t| t.contiguous())
-            .map_err(|e| WeightSyncError::Encode { name: name.clone(), problem: e.to_string() })?;
-        tensors.push((name.clone(), converted));
+    let mut tensors: Vec<(&String, &Tensor)> = weights.iter().collect();
+    tensors.sort_by(|a, b| a.0.cmp(b.0));
+    let mut infos = Vec::with_capacity(tensors.len());
+    let mut offset = 0;
+    for (name, tensor) in &tensors {
+        let len = tensor.elem_count() * dtype.size_in_bytes();
+        infos.push(((*name).clone(), TensorInfo { dtype: dtype.into(), shape: tensor.dims().to_vec(), data_offsets: (offset, offset + len) }));
+        offset += len;
     }
     // "format: pt" is what transformers expects when the blob is saved as a file.
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let blob = safetensors::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata))
-        .map_err(|e| WeightSyncError::Encode { name: "(blob)".into(), problem: e.to_string() })?;
+    let header = Metadata::new(Some(metadata), infos).map_err(|e| WeightSyncError::Encode { name: "(header)".into(), problem: e.to_string() })?;
+    let mut header = serde_json::to_vec(&header).map_err(|e| WeightSyncError::Encode { name: "(header)".into(), problem: e.to_string() })?;
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let mut blob = Vec::with_capacity(8 + header.len() + offset);
+    blob.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    blob.extend_from_slice(&header);
+    for (name, tensor) in tensors {
+        append_bytes(&mut blob, tensor, dtype).map_err(|e| WeightSyncError::Encode { name: name.clone(), problem: e.to_string() })?;
+    }
     Ok(Bytes::from(blob))
+}
+
+/// Appends `tensor`'s elements in `dtype`, little-endian, as safetensors stores them.
+fn append_bytes(out: &mut Vec<u8>, tensor: &Tensor, dtype: DType) -> candle_core::Result<()> {
+    // Free for a contiguous CPU tensor already in `dtype`, the learner's usual case on the CPU;
+    // a GPU tensor comes over once.
+    let tensor = tensor.to_dtype(dtype)?.to_device(&Device::Cpu)?.contiguous()?;
+    let (storage, layout) = tensor.storage_and_layout();
+    let range = layout.start_offset()..layout.start_offset() + layout.shape().elem_count();
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => out.extend_from_slice(bytemuck::cast_slice(&v[range])),
+        Storage::Cpu(CpuStorage::BF16(v)) => out.extend_from_slice(bytemuck::cast_slice(&v[range])),
+        Storage::Cpu(CpuStorage::F16(v)) => out.extend_from_slice(bytemuck::cast_slice(&v[range])),
+        Storage::Cpu(CpuStorage::F64(v)) => out.extend_from_slice(bytemuck::cast_slice(&v[range])),
+        _ => candle_core::bail!("expected a float tensor on the CPU, got {:?} on {:?}", tensor.dtype(), tensor.device().location()),
+    }
+    Ok(())
 }
 
 /// Reads a blob written by [`encode_weights`] (or any HF safetensors file of this model), checks
@@ -122,6 +149,22 @@ mod tests {
         }
         // Encoding is deterministic, so equal weights give equal checksums.
         assert_eq!(encode_weights(&weights, DType::F32)?, blob);
+        Ok(())
+    }
+
+    #[test]
+    fn blobs_are_byte_for_byte_what_safetensors_writes() -> Result<()> {
+        let (_dir, _config, weights) = tiny();
+        // A strided view (a transpose) must be written in its logical order, as serialize does.
+        let mut weights = weights;
+        let square = Tensor::arange(0f32, 12.0, &Device::Cpu)?.reshape((3, 4))?.t()?;
+        weights.insert("extra.transposed", square);
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let converted: Vec<(String, Tensor)> = weights.iter().map(|(n, t)| Ok((n.clone(), t.to_dtype(dtype)?.contiguous()?))).collect::<candle_core::Result<_>>()?;
+            let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+            let reference = safetensors::serialize(converted.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata)).expect("serialize");
+            assert!(encode_weights(&weights, dtype)?.as_ref() == reference.as_slice(), "{dtype:?} blob differs from safetensors::serialize");
+        }
         Ok(())
     }
 

@@ -22,7 +22,7 @@ pub mod nccl;
 pub mod publisher;
 
 pub use assemble::{Assembler, FetchedWeights, reusable_buffer};
-pub use bench::{FetchTiming, LoopbackReport, bench_loopback};
+pub use bench::{FetchTiming, LoopbackReport, bench_loopback, pseudo_random_blob};
 pub use client::{FetchOptions, fetch_weights, fetch_weights_with};
 pub use codec::{FORMAT, decode_weights, encode_weights};
 pub use error::{Result, WeightSyncError};

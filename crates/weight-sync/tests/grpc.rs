@@ -209,7 +209,7 @@ async fn truncated_corrupt_gapped_and_failed_streams_are_refused() {
 async fn loopback_benchmark_reports_a_throughput() {
     tokio::time::timeout(BOUND, async {
         // 32 MiB keeps the test quick; `medrl bench weight-sync` measures the figure to report.
-        let report = medrl_weight_sync::bench_loopback(32 << 20, 4 << 20).await.expect("bench");
+        let report = medrl_weight_sync::bench_loopback(medrl_weight_sync::pseudo_random_blob(32 << 20, 1), 4 << 20).await.expect("bench");
         for fetch in [report.cold, report.warm] {
             assert!(fetch.gb_per_s.is_finite() && fetch.gb_per_s > 0.0 && fetch.seconds > 0.0, "{report:?}");
         }

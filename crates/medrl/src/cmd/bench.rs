@@ -72,9 +72,16 @@ impl RandomModelArgs {
 /// Arguments of `medrl bench weight-sync`.
 #[derive(clap::Args, Debug)]
 pub struct WeightSyncArgs {
-    /// Blob size in MiB (16.6 GB for Qwen2.5-VL-7B in bf16).
+    /// Blob size in MiB (16.6 GB for Qwen2.5-VL-7B in bf16), of random bytes.
     #[arg(long, default_value_t = 1024)]
     pub mib: usize,
+    /// Instead of random bytes, a model of this `config.json` with random weights (on
+    /// `--device`, in `--dtype`): adds the learner's encode and the worker's decode timings.
+    #[arg(long, conflicts_with = "mib")]
+    pub config: Option<PathBuf>,
+    /// Where the model's weights live and the dtype they travel in (with `--config`).
+    #[command(flatten)]
+    pub runtime: DeviceArgs,
     /// Chunk size in KiB (default: the publisher's).
     #[arg(long, default_value_t = medrl_weight_sync::PublisherOptions::default().chunk_bytes >> 10)]
     pub chunk_kib: usize,
@@ -386,19 +393,48 @@ fn learner(a: LearnerArgs) -> Result<()> {
 
 fn weight_sync(a: WeightSyncArgs) -> Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let r = runtime.block_on(medrl_weight_sync::bench_loopback(a.mib << 20, a.chunk_kib << 10))?;
-    let gb = (a.mib << 20) as f64 / 1e9;
+    let model = match &a.config {
+        Some(path) => {
+            let config = RandomModelArgs { config: Some(path.clone()), layers: None }.config()?;
+            let (dtype, device) = (a.runtime.dtype()?, a.runtime.device()?);
+            Some((Weights::random(&config, 0, dtype, &device)?, config, dtype, device))
+        }
+        None => None,
+    };
+    let started = Instant::now();
+    let blob = match &model {
+        Some((weights, _, dtype, _)) => medrl_weight_sync::encode_weights(weights, *dtype)?,
+        None => medrl_weight_sync::pseudo_random_blob(a.mib << 20, 7),
+    };
+    let encode_s = started.elapsed().as_secs_f64();
+    let r = runtime.block_on(medrl_weight_sync::bench_loopback(blob.clone(), a.chunk_kib << 10))?;
+    // The bytes a worker decodes are these: the fetch verified them against the digest.
+    let decode_s = match &model {
+        Some((_, config, dtype, device)) => {
+            let started = Instant::now();
+            drop(medrl_weight_sync::decode_weights(&blob, config, *dtype, device)?);
+            Some(started.elapsed().as_secs_f64())
+        }
+        None => None,
+    };
+    let gb = blob.len() as f64 / 1e9;
     let fetch = |t: &medrl_weight_sync::FetchTiming| serde_json::json!({ "seconds": t.seconds, "gb_per_s": t.gb_per_s, "cpu_s": t.cpu_s, "cpu_s_per_gb": t.cpu_s.map(|cpu| cpu / gb) });
     let report = serde_json::json!({
         "bench": "weight-sync",
         "transport": "grpc",
-        "bytes": a.mib << 20,
+        "blob": if model.is_some() { "model" } else { "random" },
+        "config": a.config,
+        "dtype": model.as_ref().map(|_| &a.runtime.dtype),
+        "device": model.as_ref().map(|_| &a.runtime.device),
+        "bytes": blob.len(),
         "chunk_bytes": a.chunk_kib << 10,
+        "encode_s": model.as_ref().map(|_| encode_s),
         "publish_s": r.publish_s,
         "fetch_s": r.cold.seconds,
         "gb_per_s": r.cold.gb_per_s,
         "cold": fetch(&r.cold),
         "warm": fetch(&r.warm),
+        "decode_s": decode_s,
     });
     println!("{report}");
     Ok(())
