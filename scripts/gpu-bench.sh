@@ -10,7 +10,8 @@
 # --out     where results go (default: $OUT if set, else target/gpu-bench)
 # --quick   parity and a short 1x8 rollout only (a smoke test of a new build)
 # --offload tiny parity, then a full 7B learner step with AdamW state in host memory
-#           (optimizer.offload, bf16 moments: ~67 GB of host memory); a call of its own
+#           (optimizer.offload, bf16 moments: ~67 GB of host memory), then a 7B model's bf16
+#           blob from GPU weights through the gRPC stream into GPU weights again; a call of its own
 #
 # Shared libraries: those of the PyTorch install on the GPU machine (nvidia/cu13/lib and
 # nvidia/nccl/lib under python3's site-packages), else the lib/ folder beside the binary.
@@ -117,6 +118,9 @@ case $MODE in
     # gradients to the host, AdamW there, bf16 weights back. The first (warm-up) step also pays
     # the first touch of ~67 GB of host state.
     step learner-7b-offload 300 bench learner --config "$SEVEN_B" "${CUDA[@]}" --sequences 8 --image-size 448 --prompt-tokens 115 --completion-tokens 512 --optimizer adamw --offload --moments bf16
+    # The gRPC weight path end to end at 7B (16.6 GB): encode from GPU weights, publish, a cold
+    # and a warm fetch, decode onto the GPU. About 50 GB of host memory at its peak.
+    step weight-sync-7b 150 bench weight-sync --config "$SEVEN_B" "${CUDA[@]}"
     ;;
   quick)
     step parity-tiny-f32 30 bench parity --device cuda --dtype f32
