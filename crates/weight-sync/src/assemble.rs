@@ -123,6 +123,8 @@ impl Assembler {
 /// buffer if the blob is still shared. Memory already written to needs no page faults: on the
 /// development VM fresh memory cost 0.7 CPU s per GiB in faults, seven times the copy into it.
 pub fn reusable_buffer(blob: Bytes) -> BytesMut {
+    // `bytes` moves a unique buffer's contents to the front of its allocation; a fetched blob
+    // starts there, so the move is a no-op (1.5 us for 1 GiB).
     let mut buffer = blob.try_into_mut().unwrap_or_default();
     buffer.clear();
     buffer
