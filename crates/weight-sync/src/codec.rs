@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use candle_core::safetensors::Load;
 use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use safetensors::tensor::{Metadata, TensorInfo};
@@ -27,6 +27,13 @@ fn is_float(dtype: DType) -> bool {
 /// allocation of its size, where `serialize` over candle tensors copies every tensor twice more
 /// (`View::data` owns a copy) and faults in the memory of each copy.
 pub fn encode_weights(weights: &Weights, dtype: DType) -> Result<Bytes> {
+    encode_weights_into(weights, dtype, BytesMut::new())
+}
+
+/// [`encode_weights`] into `buffer`: an earlier blob's memory ([`crate::reusable_buffer`],
+/// [`crate::WeightPublisher::spare_buffer`]) is written over without the page faults of fresh
+/// memory, a learner's cost at every step otherwise.
+pub fn encode_weights_into(weights: &Weights, dtype: DType, mut buffer: BytesMut) -> Result<Bytes> {
     let _span = tracing::debug_span!("encode_weights", tensors = weights.len(), dtype = ?dtype).entered();
     if !is_float(dtype) {
         return Err(WeightSyncError::Config { field: "dtype", problem: format!("{dtype:?} is not a float dtype") });
@@ -45,17 +52,18 @@ pub fn encode_weights(weights: &Weights, dtype: DType) -> Result<Bytes> {
     let header = Metadata::new(Some(metadata), infos).map_err(|e| WeightSyncError::Encode { name: "(header)".into(), problem: e.to_string() })?;
     let mut header = serde_json::to_vec(&header).map_err(|e| WeightSyncError::Encode { name: "(header)".into(), problem: e.to_string() })?;
     header.resize(header.len().next_multiple_of(8), b' ');
-    let mut blob = Vec::with_capacity(8 + header.len() + offset);
-    blob.extend_from_slice(&(header.len() as u64).to_le_bytes());
-    blob.extend_from_slice(&header);
+    buffer.clear();
+    buffer.reserve(8 + header.len() + offset);
+    buffer.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    buffer.extend_from_slice(&header);
     for (name, tensor) in tensors {
-        append_bytes(&mut blob, tensor, dtype).map_err(|e| WeightSyncError::Encode { name: name.clone(), problem: e.to_string() })?;
+        append_bytes(&mut buffer, tensor, dtype).map_err(|e| WeightSyncError::Encode { name: name.clone(), problem: e.to_string() })?;
     }
-    Ok(Bytes::from(blob))
+    Ok(buffer.freeze())
 }
 
 /// Appends `tensor`'s elements in `dtype`, little-endian, as safetensors stores them.
-fn append_bytes(out: &mut Vec<u8>, tensor: &Tensor, dtype: DType) -> candle_core::Result<()> {
+fn append_bytes(out: &mut BytesMut, tensor: &Tensor, dtype: DType) -> candle_core::Result<()> {
     // Free for a contiguous CPU tensor already in `dtype`, the learner's usual case on the CPU;
     // a GPU tensor comes over once.
     let tensor = tensor.to_dtype(dtype)?.to_device(&Device::Cpu)?.contiguous()?;
@@ -165,6 +173,17 @@ mod tests {
             let reference = safetensors::serialize(converted.iter().map(|(n, t)| (n.as_str(), t)), Some(metadata)).expect("serialize");
             assert!(encode_weights(&weights, dtype)?.as_ref() == reference.as_slice(), "{dtype:?} blob differs from safetensors::serialize");
         }
+        Ok(())
+    }
+
+    #[test]
+    fn encoding_into_an_old_blob_reuses_its_memory() -> Result<()> {
+        let (_dir, _config, weights) = tiny();
+        let old = encode_weights(&weights, DType::F32)?;
+        let address = old.as_ptr();
+        let half = encode_weights_into(&weights, DType::BF16, crate::reusable_buffer(old))?;
+        assert_eq!(half.as_ptr(), address, "the bf16 blob must be written over the f32 one");
+        assert_eq!(half, encode_weights(&weights, DType::BF16)?);
         Ok(())
     }
 

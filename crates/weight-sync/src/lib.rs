@@ -24,7 +24,7 @@ pub mod publisher;
 pub use assemble::{Assembler, FetchedWeights, reusable_buffer};
 pub use bench::{FetchTiming, LoopbackReport, bench_loopback, pseudo_random_blob};
 pub use client::{FetchOptions, fetch_weights, fetch_weights_with};
-pub use codec::{FORMAT, decode_weights, encode_weights};
+pub use codec::{FORMAT, decode_weights, encode_weights, encode_weights_into};
 pub use error::{Result, WeightSyncError};
 pub use digest::{blob_digest, sha256_hex};
 pub use publisher::{PublishedWeights, PublisherOptions, WeightPublisher};

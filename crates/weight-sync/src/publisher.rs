@@ -3,10 +3,10 @@
 //! carry the version, size and checksum of the whole blob.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use medrl_proto::v1::weights_server::Weights;
 use medrl_proto::v1::{FetchWeightsRequest, GetWeightInfoRequest, WeightChunk, WeightInfo};
 use tokio::sync::watch;
@@ -14,6 +14,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+use crate::assemble::reusable_buffer;
 use crate::codec::FORMAT;
 use crate::digest::blob_digest;
 use crate::error::{Result, WeightSyncError};
@@ -71,6 +72,8 @@ pub struct WeightPublisher {
     // A watch channel gives an atomic swap (readers hold the Arc they took, so a stream in
     // progress keeps its version even when a newer one arrives) and a wake-up for waiters.
     current: Arc<watch::Sender<Option<Arc<PublishedWeights>>>>,
+    /// The version the newest publication replaced, kept for [`WeightPublisher::spare_buffer`].
+    retired: Arc<Mutex<Option<Arc<PublishedWeights>>>>,
     options: PublisherOptions,
 }
 
@@ -90,7 +93,7 @@ impl WeightPublisher {
     pub fn new(options: PublisherOptions) -> Result<Self> {
         options.validate()?;
         let (current, _) = watch::channel(None);
-        Ok(WeightPublisher { current: Arc::new(current), options })
+        Ok(WeightPublisher { current: Arc::new(current), retired: Arc::default(), options })
     }
 
     /// The settings in force.
@@ -107,6 +110,7 @@ impl WeightPublisher {
         let new = Arc::new(PublishedWeights { version, sha256, format: FORMAT.to_string(), blob });
         let mut refused = None;
         let mut result = new.clone();
+        let mut replaced = None;
         self.current.send_if_modified(|slot| match slot {
             Some(old) if old.version > version => {
                 refused = Some(format!("older than the published version {}", old.version));
@@ -120,15 +124,33 @@ impl WeightPublisher {
                 false
             }
             _ => {
-                *slot = Some(new.clone());
+                replaced = slot.replace(new.clone());
                 true
             }
         });
+        if let Some(old) = replaced {
+            // A poisoned lock only loses the spare: the next encode allocates afresh.
+            if let Ok(mut retired) = self.retired.lock() {
+                *retired = Some(old);
+            }
+        }
         if let Some(problem) = refused {
             return Err(WeightSyncError::Publish { version, problem });
         }
         tracing::info!(version, sha256 = %result.sha256, bytes = result.blob.len(), "weights published");
         Ok(result)
+    }
+
+    /// The memory of the version the newest publication replaced, emptied, for the next blob to
+    /// be written into; empty when a stream still reads that version (or there is none). The
+    /// retired blob is thus kept until the next encode: the learner holds two blobs between
+    /// steps, the peak an encode reaches anyway.
+    pub fn spare_buffer(&self) -> BytesMut {
+        let retired = self.retired.lock().ok().and_then(|mut r| r.take());
+        match retired.map(Arc::try_unwrap) {
+            Some(Ok(weights)) => reusable_buffer(weights.blob),
+            _ => BytesMut::new(),
+        }
     }
 
     /// The newest published weights, if any.
@@ -252,6 +274,25 @@ mod tests {
         let empty = Arc::new(PublishedWeights { version: 0, sha256: blob_digest(b""), format: FORMAT.into(), blob: Bytes::new() });
         assert_eq!(Chunks { weights: empty, chunk_bytes: 4, offset: 0, started: false }.count(), 1);
         assert!(WeightPublisher::new(PublisherOptions { chunk_bytes: 0, ..Default::default() }).is_err());
+    }
+
+    #[test]
+    fn the_replaced_version_lends_its_memory_once_no_stream_reads_it() -> Result<()> {
+        let p = publisher(4);
+        assert_eq!(p.spare_buffer().capacity(), 0, "nothing retired yet");
+        let one = Bytes::from(vec![1u8; 1000]);
+        let address = one.as_ptr();
+        p.publish(1, one)?;
+        p.publish(2, Bytes::from(vec![2u8; 1000]))?;
+        let spare = p.spare_buffer();
+        assert!(spare.is_empty() && spare.capacity() >= 1000 && spare.as_ptr() == address, "version 1's memory comes back");
+        assert_eq!(p.spare_buffer().capacity(), 0, "lent once");
+        // A version still being streamed (an Arc held elsewhere) is not lent.
+        let streaming = p.current().expect("version 2");
+        p.publish(3, Bytes::from(vec![3u8; 1000]))?;
+        assert_eq!(p.spare_buffer().capacity(), 0);
+        assert_eq!(streaming.blob.as_ref(), &[2u8; 1000][..], "the streamed bytes stay intact");
+        Ok(())
     }
 
     #[tokio::test]

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use candle_core::DType;
 use medrl_proto::v1::{EpochPrompts, RunState};
-use medrl_weight_sync::{WeightPublisher, encode_weights};
+use medrl_weight_sync::{WeightPublisher, encode_weights_into};
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
@@ -358,7 +358,8 @@ impl StepLoop {
 
         // 2. The new weights.
         let publish_started = Instant::now();
-        let blob = encode_weights(&self.p.trainer.policy.merged_weights()?, self.p.weight_dtype)?;
+        // Written over the version before the current one, unless a worker still reads it.
+        let blob = encode_weights_into(&self.p.trainer.policy.merged_weights()?, self.p.weight_dtype, self.p.publisher.spare_buffer())?;
         let weight_bytes = blob.len();
         let published = self.p.publisher.publish(new_version, blob)?;
         let publish_seconds = publish_started.elapsed().as_secs_f64();

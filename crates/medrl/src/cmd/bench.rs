@@ -408,16 +408,22 @@ fn weight_sync(a: WeightSyncArgs) -> Result<()> {
     };
     let encode_s = started.elapsed().as_secs_f64();
     let r = runtime.block_on(medrl_weight_sync::bench_loopback(blob.clone(), a.chunk_kib << 10))?;
-    // The bytes a worker decodes are these: the fetch verified them against the digest.
-    let decode_s = match &model {
-        Some((_, config, dtype, device)) => {
+    let bytes = blob.len();
+    // The bytes a worker decodes are these: the fetch verified them against the digest. Then the
+    // learner's next encode, into this blob's memory as `spare_buffer` lends it.
+    let (decode_s, warm_encode_s) = match &model {
+        Some((weights, config, dtype, device)) => {
             let started = Instant::now();
             drop(medrl_weight_sync::decode_weights(&blob, config, *dtype, device)?);
-            Some(started.elapsed().as_secs_f64())
+            let decode_s = started.elapsed().as_secs_f64();
+            let spare = medrl_weight_sync::reusable_buffer(blob);
+            let started = Instant::now();
+            drop(medrl_weight_sync::encode_weights_into(weights, *dtype, spare)?);
+            (Some(decode_s), Some(started.elapsed().as_secs_f64()))
         }
-        None => None,
+        None => (None, None),
     };
-    let gb = blob.len() as f64 / 1e9;
+    let gb = bytes as f64 / 1e9;
     let fetch = |t: &medrl_weight_sync::FetchTiming| serde_json::json!({ "seconds": t.seconds, "gb_per_s": t.gb_per_s, "cpu_s": t.cpu_s, "cpu_s_per_gb": t.cpu_s.map(|cpu| cpu / gb) });
     let report = serde_json::json!({
         "bench": "weight-sync",
@@ -426,9 +432,10 @@ fn weight_sync(a: WeightSyncArgs) -> Result<()> {
         "config": a.config,
         "dtype": model.as_ref().map(|_| &a.runtime.dtype),
         "device": model.as_ref().map(|_| &a.runtime.device),
-        "bytes": blob.len(),
+        "bytes": bytes,
         "chunk_bytes": a.chunk_kib << 10,
         "encode_s": model.as_ref().map(|_| encode_s),
+        "warm_encode_s": warm_encode_s,
         "publish_s": r.publish_s,
         "fetch_s": r.cold.seconds,
         "gb_per_s": r.cold.gb_per_s,
