@@ -24,7 +24,8 @@ pub struct WeightUpdater {
     /// The last installed blob's memory, written over by the next fetch: already-mapped pages
     /// spare a fetch the page faults of fresh memory, which cost more than the copy into them.
     /// The worker thus keeps one blob's worth of host memory between updates (16.6 GB for a
-    /// bf16 7B model), as much as every update needs anyway.
+    /// bf16 7B model): on a GPU worker the host peak every update reached anyway; on a CPU
+    /// worker one blob more at the peak, while the model is built.
     spare: BytesMut,
     backoff: Backoff,
     retry_at: Option<Instant>,
