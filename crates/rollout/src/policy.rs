@@ -59,7 +59,7 @@ impl Policy {
     pub async fn install(&mut self, version: u64, blob: Bytes) -> Result<Bytes, WeightError> {
         let config = self.vlm.model.config.clone();
         let (dir, dtype, device) = (self.dir.clone(), self.dtype, self.device.clone());
-        let vlm = tokio::task::spawn_blocking(move || {
+        let (vlm, blob) = tokio::task::spawn_blocking(move || {
             let weights =
                 medrl_weight_sync::decode_weights(&blob, &config, dtype, &device).map_err(|cause| WeightError::Decode { version, cause })?;
             let mut model = Qwen25Vl::new(config, &weights, dtype, &device).map_err(|cause| WeightError::Build { version, cause })?;
@@ -71,8 +71,8 @@ impl Policy {
         })
         .await
         .map_err(|e| WeightError::Task(e.to_string()))??;
-        self.vlm = Arc::new(vlm.0);
+        self.vlm = Arc::new(vlm);
         self.version = version;
-        Ok(vlm.1)
+        Ok(blob)
     }
 }

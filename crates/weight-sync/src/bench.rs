@@ -85,8 +85,8 @@ async fn timed_fetch(client: &WeightsClient<AuthedChannel>, buffer: BytesMut, si
     if fetched.blob.len() != size_bytes {
         return Err(WeightSyncError::Truncated { version: fetched.version, received: fetched.blob.len() as u64, total: size_bytes as u64 });
     }
+    // `fetch_weights_with` has logged the time and rate; the report carries the CPU time.
     let gb_per_s = size_bytes as f64 / seconds.max(1e-9) / 1e9;
-    tracing::info!(seconds, gb_per_s, ?cpu_s, "loopback weight transfer");
     Ok((FetchTiming { seconds, gb_per_s, cpu_s }, fetched.blob))
 }
 
