@@ -73,7 +73,7 @@ pub async fn serve_with(config: CoordinatorConfig, prompts: PromptSet, options: 
     let shared = Arc::new(Shared {
         core: Mutex::new(core),
         journal,
-        images: ImageStore::new(prompts.base_dir(), config.max_image_bytes),
+        images: ImageStore::new(&prompts, config.max_image_bytes),
         metrics: Metrics::new(),
         config: config.clone(),
     });

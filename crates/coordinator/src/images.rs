@@ -1,14 +1,17 @@
 //! Content-addressed images: a lease names each image by the sha256 of its bytes, and workers
 //! fetch them with GetImage, so no shared filesystem is needed. Hashes are computed on first use
 //! and cached; a file is re-verified when served, so a changed file is never passed off under an
-//! old address.
+//! old address. A restarted coordinator has hashed nothing yet, so a request may also name the
+//! image: any prompt's image is found by its name and served if its bytes have the address.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
+
+use crate::prompts::PromptSet;
 
 /// An image resolved to its content address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +51,8 @@ pub enum ImageError {
         /// The address it was leased under.
         expected: String,
     },
-    /// No leased image has this address.
+    /// No leased image has this address, and the request named none of the prompts' images
+    /// with it.
     #[error("no image with sha256 {0}")]
     Unknown(String),
 }
@@ -58,14 +62,18 @@ pub enum ImageError {
 pub struct ImageStore {
     base: PathBuf,
     max_bytes: u64,
+    /// The record image paths a request may name: nothing else under `base` is served.
+    names: HashSet<String>,
     by_name: Mutex<HashMap<String, ResolvedImage>>,
     by_sha: Mutex<HashMap<String, PathBuf>>,
 }
 
 impl ImageStore {
-    /// Images are record paths relative to `base`; larger than `max_bytes` is an error.
-    pub fn new(base: &Path, max_bytes: u64) -> ImageStore {
-        ImageStore { base: base.to_path_buf(), max_bytes, by_name: Mutex::default(), by_sha: Mutex::default() }
+    /// The images of `prompts` (record paths relative to its folder); larger than `max_bytes` is
+    /// an error.
+    pub fn new(prompts: &PromptSet, max_bytes: u64) -> ImageStore {
+        let names = (0..prompts.len()).filter_map(|i| prompts.get(i)).flat_map(|r| r.images.iter().cloned()).collect();
+        ImageStore { base: prompts.base_dir().to_path_buf(), max_bytes, names, by_name: Mutex::default(), by_sha: Mutex::default() }
     }
 
     fn path_of(&self, name: &str) -> PathBuf {
@@ -98,14 +106,15 @@ impl ImageStore {
         Ok(resolved)
     }
 
-    /// The bytes of an image that some lease referenced (blocking), verified against its address.
-    pub fn read(&self, sha256: &str) -> Result<Bytes, ImageError> {
-        let path = self
-            .by_sha
-            .lock()
-            .ok()
-            .and_then(|m| m.get(sha256).cloned())
-            .ok_or_else(|| ImageError::Unknown(sha256.to_string()))?;
+    /// The bytes of an image (blocking), verified against its address: one some lease referenced,
+    /// else the prompt image called `name` (empty: none) when its bytes have that address.
+    pub fn read(&self, sha256: &str, name: &str) -> Result<Bytes, ImageError> {
+        let known = self.by_sha.lock().ok().and_then(|m| m.get(sha256).cloned());
+        let path = match known {
+            Some(path) => path,
+            None if self.names.contains(name) && self.resolve(name)?.sha256 == sha256 => self.path_of(name),
+            None => return Err(ImageError::Unknown(sha256.to_string())),
+        };
         let bytes = self.read_checked(&path)?;
         if hex::encode(Sha256::digest(&bytes)) != sha256 {
             return Err(ImageError::Changed { path, expected: sha256.to_string() });

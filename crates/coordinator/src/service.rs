@@ -195,7 +195,7 @@ impl CoordinatorService {
         }
         let shared = self.shared.clone();
         let sha = req.sha256.clone();
-        let read = tokio::task::spawn_blocking(move || shared.images.read(&sha))
+        let read = tokio::task::spawn_blocking(move || shared.images.read(&sha, &req.name))
             .await
             .map_err(|e| RequestError::Internal(format!("image task: {e}")))?;
         match read {

@@ -95,7 +95,7 @@ pub async fn fetch_images(session: &Session, cache: &mut ImageCache, images: &[I
             out.push(hit);
             continue;
         }
-        let data = session.image(&image.sha256).await.map_err(|status| PromptError::ImageFetch {
+        let data = session.image(image).await.map_err(|status| PromptError::ImageFetch {
             sha256: image.sha256.clone(),
             code: status.code(),
             message: status.message().to_string(),

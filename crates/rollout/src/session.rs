@@ -9,7 +9,7 @@ use bytes::Bytes;
 use medrl_proto::client::AuthedChannel;
 use medrl_proto::v1::coordinator_client::CoordinatorClient;
 use medrl_proto::v1::{
-    AckLeaseRequest, AckLeaseResponse, DeliveredPrompt, GetImageRequest, HeartbeatRequest, HeartbeatResponse, LeasePromptsRequest,
+    AckLeaseRequest, AckLeaseResponse, DeliveredPrompt, GetImageRequest, HeartbeatRequest, ImageRef, HeartbeatResponse, LeasePromptsRequest,
     LeasePromptsResponse, RegisterWorkerRequest, WorkerCapabilities,
 };
 use tonic::{Code, Status};
@@ -150,9 +150,11 @@ impl Session {
         Ok(self.client.clone().ack_lease(request).await?.into_inner())
     }
 
-    /// The bytes of an image by content address (unverified: see `images`).
-    pub async fn image(&self, sha256: &str) -> Result<Bytes, Status> {
-        let reply = self.client.clone().get_image(GetImageRequest { sha256: sha256.to_string() }).await?.into_inner();
+    /// The bytes of an image by content address (unverified: see `images`); the name lets a
+    /// restarted coordinator find them.
+    pub async fn image(&self, image: &ImageRef) -> Result<Bytes, Status> {
+        let request = GetImageRequest { sha256: image.sha256.clone(), name: image.name.clone() };
+        let reply = self.client.clone().get_image(request).await?.into_inner();
         Ok(reply.data)
     }
 }

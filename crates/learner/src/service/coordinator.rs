@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use medrl_proto::client::AuthedChannel;
 use medrl_proto::v1::coordinator_client::CoordinatorClient;
 use medrl_proto::v1::{
-    EpochPrompts, GetImageRequest, GetImageResponse, GetRunStateRequest, PublishVersionRequest, PublishVersionResponse, ReportConsumedRequest,
+    EpochPrompts, GetImageRequest, GetImageResponse, GetRunStateRequest, ImageRef, PublishVersionRequest, PublishVersionResponse, ReportConsumedRequest,
     ReportConsumedResponse, RunState, SyncLearnerRequest, SyncLearnerResponse,
 };
 use medrl_proto::{ClientOptions, connect, with_deadline};
@@ -107,10 +107,10 @@ impl CoordinatorRpc {
         self.retry("GetRunState", |mut c| async move { c.get_run_state(with_deadline(GetRunStateRequest {}, t)).await }).await
     }
 
-    /// Image bytes by content address.
-    pub async fn get_image(&self, sha256: &str) -> ServiceResult<GetImageResponse> {
+    /// Image bytes by content address (the name lets a restarted coordinator find them).
+    pub async fn get_image(&self, image: &ImageRef) -> ServiceResult<GetImageResponse> {
         let t = self.timeout;
-        let request = GetImageRequest { sha256: sha256.to_string() };
+        let request = GetImageRequest { sha256: image.sha256.clone(), name: image.name.clone() };
         self.retry("GetImage", |mut c| {
             let request = request.clone();
             async move { c.get_image(with_deadline(request, t)).await }

@@ -34,7 +34,7 @@ impl ImageStore {
             return Ok(bytes);
         }
         let bad = |problem: String| ServiceError::Image { sha256: image.sha256.clone(), problem };
-        let response = self.rpc.get_image(&image.sha256).await?;
+        let response = self.rpc.get_image(image).await?;
         if let Some(m) = metrics {
             m.image_fetches.inc();
         }
