@@ -137,6 +137,10 @@ pub struct SyncResult {
     pub requeued_delivered: u32,
     /// Trained-after-the-high-water-mark prompts requeued.
     pub requeued_trained: u32,
+    /// Leases granted at a version after the high-water mark, expired.
+    pub expired_leases: u32,
+    /// Their prompts, requeued.
+    pub requeued_leased: u32,
 }
 
 /// What a sweep did.
@@ -858,10 +862,18 @@ impl Core {
     }
 
     /// The learner restarted from `high_water`: untrained deliveries and prompts trained by lost
-    /// steps go back to the queue, and the version clock returns to the high-water mark.
+    /// steps go back to the queue, and the version clock returns to the high-water mark. Leases
+    /// granted at a lost version expire: their workers would wait for weights that no longer
+    /// exist, and they would hold the staleness budget the redone steps need.
     pub fn sync_learner(&mut self, high_water: u64, now: Instant) -> Result<(SyncResult, Vec<Event>), RequestError> {
         let mut result = SyncResult::default();
         let mut events = Vec::new();
+        let lost_leases: Vec<u64> =
+            self.leases.iter().filter(|(_, l)| l.state == LeaseState::Active && l.version > high_water).map(|(s, _)| *s).collect();
+        for seq in lost_leases {
+            result.expired_leases += 1;
+            result.requeued_leased += self.expire_lease(seq, now);
+        }
         for ei in 0..self.epochs.len() {
             let ledger = &self.epochs[ei];
             let epoch = ledger.epoch;
@@ -905,6 +917,26 @@ impl Core {
         Ok(events)
     }
 
+    /// Closes an active lease as expired and puts its prompts back in the queue, at their places
+    /// in the data order; returns how many went back.
+    fn expire_lease(&mut self, seq: u64, now: Instant) -> u32 {
+        let Some(lease) = self.leases.get_mut(&seq) else { return 0 };
+        lease.state = LeaseState::Expired;
+        lease.closed_at = Some(now);
+        let (epoch, prompts, id) = (lease.epoch, lease.prompts.clone(), lease.id.clone());
+        let mut requeued = 0;
+        if let Some(ledger) = self.epochs.get_mut(epoch as usize) {
+            for p in prompts {
+                if ledger.status(p) == Status::Leased(seq) {
+                    ledger.set(p, Status::Pending);
+                    requeued += 1;
+                }
+            }
+        }
+        tracing::info!(lease = %id, epoch, "lease expired; its prompts went back to the queue");
+        requeued
+    }
+
     /// Expires overdue leases and dead workers' leases; forgets long-closed leases.
     pub fn reap(&mut self, now: Instant) -> ReapResult {
         let mut result = ReapResult::default();
@@ -922,20 +954,8 @@ impl Core {
             .map(|(s, _)| *s)
             .collect();
         for seq in overdue {
-            let Some(lease) = self.leases.get_mut(&seq) else { continue };
-            lease.state = LeaseState::Expired;
-            lease.closed_at = Some(now);
-            let (epoch, prompts, id) = (lease.epoch, lease.prompts.clone(), lease.id.clone());
             result.expired_leases += 1;
-            if let Some(ledger) = self.epochs.get_mut(epoch as usize) {
-                for p in prompts {
-                    if ledger.status(p) == Status::Leased(seq) {
-                        ledger.set(p, Status::Pending);
-                        result.requeued += 1;
-                    }
-                }
-            }
-            tracing::info!(lease = %id, epoch, "lease expired; its prompts went back to the queue");
+            result.requeued += self.expire_lease(seq, now);
         }
         // Keep closed leases long enough to recognise late acks, then forget them.
         let keep = self.cfg.lease_max_lifetime();

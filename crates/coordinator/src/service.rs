@@ -254,6 +254,8 @@ impl CoordinatorService {
             high_water = req.high_water_version,
             requeued_delivered = result.requeued_delivered,
             requeued_trained = result.requeued_trained,
+            expired_leases = result.expired_leases,
+            requeued_leased = result.requeued_leased,
             "learner synced"
         );
         Ok(SyncLearnerResponse {

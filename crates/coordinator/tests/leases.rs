@@ -317,18 +317,31 @@ async fn learner_sync_requeues_untrained_and_lost_steps() {
         publish(&mut c, 1).await;
         train(&mut c, 0, ids[2..3].to_vec(), 2).await;
         publish(&mut c, 2).await;
+        // The last two prompts are leased to be sampled with version 2.
+        let late = lease(&mut c, &w, 4, 2).await.expect("lease at version 2");
+        assert_eq!((late.policy_version, late.prompts.len()), (2, 2));
         // The learner crashes; its durable log ends at version 1.
         let sync = c.sync_learner(SyncLearnerRequest { high_water_version: 1 }).await.expect("sync").into_inner();
         assert_eq!((sync.requeued_delivered, sync.requeued_trained, sync.policy_version), (1, 1, 1));
         let st = state(&mut c).await;
         assert_eq!((st.published_version, st.learner_version), (1, 1));
+        // Version 2 is gone, so is the lease granted at it: nothing waits on weights that will
+        // not come, and the budget is free for the redone steps.
         let e = &st.epoch_counts[0];
-        assert_eq!((e.trained, e.delivered, e.pending), (2, 0, 4));
-        // The requeued prompts come back before the ones never leased, in the data order: the
-        // lost step's prompt (ids[2]) before the untrained delivery (ids[3]).
+        assert_eq!((e.trained, e.delivered, e.leased, e.pending), (2, 0, 0, 4));
+        let beat = c
+            .heartbeat(HeartbeatRequest { worker_id: w.clone(), policy_version: 1, lease_ids: vec![late.lease_id.clone()] })
+            .await
+            .expect("heartbeat")
+            .into_inner();
+        assert!(beat.valid_lease_ids.is_empty(), "{:?}", beat.valid_lease_ids);
+        // The requeued prompts come back in the data order: the lost step's prompt (ids[2]), the
+        // untrained delivery (ids[3]), then the expired lease's two.
         let again = lease(&mut c, &w, 4, 1).await.expect("re-lease");
-        let got: Vec<String> = again.prompts.iter().take(2).map(|p| p.prompt_id.clone()).collect();
-        assert_eq!(got, ids[2..4].to_vec());
+        let got: Vec<String> = again.prompts.iter().map(|p| p.prompt_id.clone()).collect();
+        let mut expected = ids[2..4].to_vec();
+        expected.extend(late.prompts.iter().map(|p| p.prompt_id.clone()));
+        assert_eq!(got, expected);
         handle.shutdown().await.expect("shutdown");
     })
     .await;

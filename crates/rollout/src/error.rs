@@ -149,4 +149,13 @@ pub enum WeightError {
     /// The decoding thread panicked.
     #[error("weight update task failed: {0}")]
     Task(String),
+    /// The coordinator withdrew the version while it was being fetched: the learner went back to
+    /// an older checkpoint, so it may never be served.
+    #[error("version {min_version} was withdrawn (the coordinator now publishes {published})")]
+    Withdrawn {
+        /// The version asked for.
+        min_version: u64,
+        /// The version the coordinator publishes now.
+        published: u64,
+    },
 }

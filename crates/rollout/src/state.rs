@@ -7,11 +7,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
+
 /// Versions and flags shared between the main loop, the heartbeat and delivery tasks.
 #[derive(Debug, Default)]
 pub struct SharedState {
     held: AtomicU64,
-    published: AtomicU64,
+    /// A channel, not an atomic, so a fetch can wait for its version to be withdrawn.
+    published: watch::Sender<u64>,
     done: AtomicBool,
     version_refused: Mutex<Option<u64>>,
     leases: LeaseBook,
@@ -22,7 +25,7 @@ impl SharedState {
     pub fn new(version: u64) -> Self {
         let state = SharedState::default();
         state.held.store(version, Ordering::SeqCst);
-        state.published.store(version, Ordering::SeqCst);
+        state.published.send_replace(version);
         state
     }
 
@@ -38,7 +41,7 @@ impl SharedState {
 
     /// The newest published version the coordinator has reported.
     pub fn published(&self) -> u64 {
-        self.published.load(Ordering::SeqCst)
+        *self.published.borrow()
     }
 
     /// Records the published version the coordinator just reported (registration, lease or
@@ -46,7 +49,15 @@ impl SharedState {
     /// its clock returns to the learner's checkpoint, and a worker must stop waiting for weights
     /// that will never be served.
     pub fn set_published(&self, version: u64) {
-        self.published.store(version, Ordering::SeqCst);
+        self.published.send_replace(version);
+    }
+
+    /// Resolves once the published version is below `version`: a learner restarted from an older
+    /// checkpoint withdrew it, and weights of `version` may never be served.
+    pub async fn withdrawn(&self, version: u64) {
+        let mut published = self.published.subscribe();
+        // The sender lives in `self`, so the wait ends only by the condition.
+        let _ = published.wait_for(|&p| p < version).await;
     }
 
     /// True once the coordinator said the run is done.
@@ -183,5 +194,21 @@ mod tests {
         s.set_version_refused(2);
         assert_eq!(s.take_version_refused(), Some(2));
         assert_eq!(s.take_version_refused(), None);
+    }
+
+    #[tokio::test]
+    async fn a_wait_for_a_version_ends_when_it_is_withdrawn() {
+        let s = std::sync::Arc::new(SharedState::new(3));
+        let waiting = tokio::spawn({
+            let s = s.clone();
+            async move { s.withdrawn(3).await }
+        });
+        s.set_published(4);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "version 3 is still published (4 >= 3)");
+        s.set_published(2);
+        tokio::time::timeout(Duration::from_secs(5), waiting).await.expect("ends once 3 is withdrawn").expect("task");
+        // Already withdrawn: no wait at all.
+        tokio::time::timeout(Duration::from_secs(5), s.withdrawn(3)).await.expect("immediate");
     }
 }

@@ -15,6 +15,7 @@ use crate::error::WeightError;
 use crate::metrics::WorkerMetrics;
 use crate::policy::Policy;
 use crate::settings::WorkerTuning;
+use crate::state::SharedState;
 use crate::stop::Stop;
 
 /// Fetches and installs new weights, remembering failures so they are retried with backoff.
@@ -44,6 +45,8 @@ pub enum UpdateOutcome {
     Installed(u64),
     /// Every try failed; the old weights stay.
     Failed,
+    /// The coordinator withdrew the target version during the update; the old weights stay.
+    Withdrawn,
 }
 
 impl WeightUpdater {
@@ -60,13 +63,16 @@ impl WeightUpdater {
         }
     }
 
-    /// One fetch, verify, decode and install of a version `>= min_version`.
-    async fn try_once(&mut self, policy: &mut Policy, min_version: u64, metrics: &WorkerMetrics) -> Result<u64, WeightError> {
+    /// One fetch, verify, decode and install of a version `>= min_version`; given up once the
+    /// coordinator withdraws that version (the learner would hold the stream open waiting for it).
+    async fn try_once(&mut self, policy: &mut Policy, min_version: u64, state: &SharedState, metrics: &WorkerMetrics) -> Result<u64, WeightError> {
         let started = Instant::now();
         let buffer = std::mem::take(&mut self.spare);
-        let fetched = medrl_weight_sync::fetch_weights_with(self.client.clone(), min_version, &self.options, buffer)
-            .await
-            .map_err(|cause| WeightError::Fetch { min_version, cause })?;
+        let fetch = medrl_weight_sync::fetch_weights_with(self.client.clone(), min_version, &self.options, buffer);
+        let fetched = tokio::select! {
+            fetched = fetch => fetched.map_err(|cause| WeightError::Fetch { min_version, cause })?,
+            _ = state.withdrawn(min_version) => return Err(WeightError::Withdrawn { min_version, published: state.published() }),
+        };
         if fetched.version < min_version {
             return Err(WeightError::Older { min_version, served: fetched.version });
         }
@@ -83,9 +89,14 @@ impl WeightUpdater {
     /// Brings `policy` to version `target` or newer, if it holds an older one. `required` means a
     /// lease asks for that version: then up to the configured number of tries are made now, with
     /// backoff between them. Otherwise one try is made if no failure's backoff is pending.
-    /// `refetch` (after the coordinator refused the held version as nonexistent) takes whatever
-    /// version the learner serves now, even an older one.
-    pub async fn update(&mut self, policy: &mut Policy, target: u64, required: bool, refetch: bool, metrics: &WorkerMetrics, stop: &Stop) -> UpdateOutcome {
+    /// After the coordinator refused the held version as nonexistent (`state`'s refusal flag), it
+    /// takes whatever version the learner serves now, even an older one, and keeps the flag while
+    /// that fails. A target the coordinator withdraws meanwhile (`state`'s published version drops
+    /// below it) ends the update with no backoff.
+    pub async fn update(&mut self, policy: &mut Policy, target: u64, required: bool, state: &SharedState, metrics: &WorkerMetrics, stop: &Stop) -> UpdateOutcome {
+        // A refusal only matters if it was of the version still held: a heartbeat sent just
+        // before a refetch may report the old version after the new one is installed.
+        let refetch = state.take_version_refused().is_some_and(|refused| refused == policy.version());
         if !refetch && policy.version() >= target {
             return UpdateOutcome::Current;
         }
@@ -95,20 +106,32 @@ impl WeightUpdater {
         let min_version = if refetch { 0 } else { target };
         let tries = if required { self.tries_when_required } else { 1 };
         let span = tracing::info_span!("weight_update", held = policy.version(), target, required);
+        let outcome = self.try_up_to(tries, policy, min_version, state, metrics, stop).instrument(span).await;
+        if refetch && outcome == UpdateOutcome::Failed {
+            // Keep asking until the coordinator accepts the version held.
+            state.set_version_refused(policy.version());
+        }
+        outcome
+    }
+
+    async fn try_up_to(&mut self, tries: u32, policy: &mut Policy, min_version: u64, state: &SharedState, metrics: &WorkerMetrics, stop: &Stop) -> UpdateOutcome {
         for attempt in 1..=tries {
-            let result = self.try_once(policy, min_version, metrics).instrument(span.clone()).await;
-            match result {
+            match self.try_once(policy, min_version, state, metrics).await {
                 Ok(version) => {
                     self.backoff.reset();
                     self.retry_at = None;
                     return UpdateOutcome::Installed(version);
+                }
+                Err(e @ WeightError::Withdrawn { .. }) => {
+                    tracing::warn!(error = %e, "weight update abandoned; keeping version {}", policy.version());
+                    return UpdateOutcome::Withdrawn;
                 }
                 Err(e) => {
                     self.failed_tries += 1;
                     metrics.weight_failures.inc();
                     let delay = self.backoff.next_delay();
                     self.retry_at = Some(Instant::now() + delay);
-                    tracing::warn!(parent: &span, attempt, error = %e, retry_in = ?delay, "weight update failed; keeping version {}", policy.version());
+                    tracing::warn!(attempt, error = %e, retry_in = ?delay, "weight update failed; keeping version {}", policy.version());
                     if attempt < tries && stop.sleep(delay).await {
                         break;
                     }

@@ -276,25 +276,15 @@ impl Worker {
     }
 
     async fn update_weights(&mut self, target: u64, required: bool) {
-        // A refusal only matters if it was of the version still held: a heartbeat sent just
-        // before a refetch may report the old version after the new one is installed.
-        let refused = self.state.take_version_refused();
-        let refetch = refused == Some(self.policy.version());
-        let outcome = self.updater.update(&mut self.policy, target, required, refetch, &self.metrics, &self.stop).await;
+        let outcome = self.updater.update(&mut self.policy, target, required, &self.state, &self.metrics, &self.stop).await;
         match outcome {
             UpdateOutcome::Installed(version) => {
                 self.state.set_held(version);
                 self.stats.weight_updates += 1;
                 self.progress.ok();
             }
-            UpdateOutcome::Failed => {
-                self.progress.failed();
-                if let Some(version) = refused.filter(|_| refetch) {
-                    // Keep asking until the coordinator accepts the version held.
-                    self.state.set_version_refused(version);
-                }
-            }
-            UpdateOutcome::Current | UpdateOutcome::Deferred => {}
+            UpdateOutcome::Failed => self.progress.failed(),
+            UpdateOutcome::Current | UpdateOutcome::Deferred | UpdateOutcome::Withdrawn => {}
         }
         self.metrics.versions(self.state.held(), self.state.published());
     }
@@ -355,13 +345,15 @@ impl Worker {
                 if self.should_stop() {
                     break;
                 }
+                // Between groups, never inside one: the lease's version first, or a newer one.
+                let required = lease.policy_version > self.policy.version();
+                self.update_weights(lease.policy_version.max(self.state.published()), required).await;
+                // Checked after the update: a learner restart that withdrew the lease's version
+                // also expired the lease, and the heartbeat that ended the update said so.
                 if !self.state.leases().is_live(&lease.lease_id) {
                     tracing::warn!("the lease is no longer valid; its remaining prompts are left");
                     break;
                 }
-                // Between groups, never inside one: the lease's version first, or a newer one.
-                let required = lease.policy_version > self.policy.version();
-                self.update_weights(lease.policy_version.max(self.state.published()), required).await;
                 match self.sample(&lease, prompt, &worker_id).await {
                     Ok(Some(pending)) => groups.push(pending),
                     Ok(None) => break,

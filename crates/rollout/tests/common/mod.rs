@@ -9,7 +9,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -189,6 +189,11 @@ pub struct LearnerState {
     pub corrupt_next_fetches: AtomicU32,
     /// FetchWeights calls answered, by version served.
     pub fetches: Mutex<Vec<u64>>,
+    /// FetchWeights calls received (answered or not).
+    pub fetch_calls: AtomicU32,
+    /// Hold a FetchWeights call for a version not published yet until it is (as the real
+    /// learner does, for up to a minute here) instead of answering UNAVAILABLE.
+    pub hold_missing_versions: AtomicBool,
 }
 
 impl LearnerState {
@@ -253,8 +258,13 @@ impl WeightsService for FakeLearner {
 
     async fn fetch_weights(&self, request: Request<FetchWeightsRequest>) -> Result<Response<ChunkStream>, Status> {
         let min = request.get_ref().min_version;
-        let newest = self.0.blobs.lock().expect("lock").iter().next_back().map(|(v, b)| (*v, b.clone()));
-        let Some((version, blob)) = newest.filter(|(v, _)| *v >= min) else {
+        self.0.fetch_calls.fetch_add(1, Ordering::SeqCst);
+        let newest = || self.0.blobs.lock().expect("lock").iter().next_back().map(|(v, b)| (*v, b.clone())).filter(|(v, _)| *v >= min);
+        let held_until = tokio::time::Instant::now() + Duration::from_secs(60);
+        while newest().is_none() && self.0.hold_missing_versions.load(Ordering::SeqCst) && tokio::time::Instant::now() < held_until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let Some((version, blob)) = newest() else {
             return Err(Status::unavailable(format!("fake learner: no version >= {min}")));
         };
         self.0.fetches.lock().expect("lock").push(version);
