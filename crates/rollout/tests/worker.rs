@@ -414,8 +414,7 @@ async fn a_prompt_whose_image_cannot_be_decoded_is_not_delivered_and_the_run_sti
         let groups = train_after(&mut c, &learner, 2, 1).await;
         // As a learner would after its step: publish version 1, which opens the staleness gate
         // for the broken prompt's last grant (the one that marks it failed).
-        let weights = medrl_model::weights::Weights::load(&fx.model_dir, &fx.config, DType::F32, &Device::Cpu).expect("weights");
-        let blob = medrl_weight_sync::encode_weights(&weights, DType::F32).expect("encode");
+        let blob = fx.base_blob();
         learner.state.publish_blob(1, blob.clone());
         publish_version(&mut c, 1, &blob).await;
         let stats = tokio::time::timeout(Duration::from_secs(20), worker).await.expect("worker exits").expect("join");
@@ -439,11 +438,7 @@ async fn a_version_the_coordinator_no_longer_knows_is_replaced_by_the_learners_c
         let learner = start_learner().await;
         let mut c = coordinator_client(&coord).await;
         // Version 1 is live before the worker starts: it fetches it first.
-        let blob0 = medrl_weight_sync::encode_weights(
-            &medrl_model::weights::Weights::load(&fx.model_dir, &fx.config, DType::F32, &Device::Cpu).expect("weights"),
-            DType::F32,
-        )
-        .expect("encode");
+        let blob0 = fx.base_blob();
         let blob1 = medrl_weight_sync::encode_weights(&fx.random_weights(1), DType::F32).expect("encode");
         learner.state.publish_blob(1, blob1.clone());
         let step = medrl_proto::v1::ReportConsumedRequest { new_version: 1, trained: vec![], requeue: vec![] };
@@ -492,12 +487,7 @@ async fn a_fetch_for_a_version_withdrawn_meanwhile_is_abandoned() {
         let coord = start_coordinator(coordinator_config(1, 2), fx.prompts()).await;
         let learner = start_learner().await;
         learner.state.hold_missing_versions.store(true, Ordering::SeqCst);
-        let blob0 = medrl_weight_sync::encode_weights(
-            &medrl_model::weights::Weights::load(&fx.model_dir, &fx.config, DType::F32, &Device::Cpu).expect("weights"),
-            DType::F32,
-        )
-        .expect("encode");
-        learner.state.publish_blob(0, blob0);
+        learner.state.publish_blob(0, fx.base_blob());
         // Version 1 is announced, then lost with the learner before it served it.
         let mut c = coordinator_client(&coord).await;
         let blob1 = medrl_weight_sync::encode_weights(&fx.random_weights(1), DType::F32).expect("encode");

@@ -93,6 +93,12 @@ impl Fixture {
     pub fn random_weights(&self, seed: u64) -> Weights {
         Weights::random(&self.config, seed, DType::F32, &Device::Cpu).expect("weights")
     }
+
+    /// The model directory's own weights as a published blob (what a worker starts with).
+    pub fn base_blob(&self) -> Bytes {
+        let weights = Weights::load(&self.model_dir, &self.config, DType::F32, &Device::Cpu).expect("weights");
+        medrl_weight_sync::encode_weights(&weights, DType::F32).expect("encode")
+    }
 }
 
 /// Coordinator settings for tests: loopback on port 0, fast sweeps and retries.
