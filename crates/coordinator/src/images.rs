@@ -94,6 +94,11 @@ impl ImageStore {
         if let Some(hit) = self.by_name.lock().ok().and_then(|m| m.get(name).cloned()) {
             return Ok(hit);
         }
+        self.hash_and_index(name).map(|(resolved, _)| resolved)
+    }
+
+    /// Reads and hashes a record's image, indexes it by name and address, and returns its bytes.
+    fn hash_and_index(&self, name: &str) -> Result<(ResolvedImage, Vec<u8>), ImageError> {
         let path = self.path_of(name);
         let bytes = self.read_checked(&path)?;
         let resolved = ResolvedImage { sha256: hex::encode(Sha256::digest(&bytes)), size_bytes: bytes.len() as u64 };
@@ -103,7 +108,7 @@ impl ImageStore {
         if let Ok(mut m) = self.by_name.lock() {
             m.insert(name.to_string(), resolved.clone());
         }
-        Ok(resolved)
+        Ok((resolved, bytes))
     }
 
     /// The bytes of an image (blocking), verified against its address: one some lease referenced,
@@ -112,7 +117,11 @@ impl ImageStore {
         let known = self.by_sha.lock().ok().and_then(|m| m.get(sha256).cloned());
         let path = match known {
             Some(path) => path,
-            None if self.names.contains(name) && self.resolve(name)?.sha256 == sha256 => self.path_of(name),
+            None if self.names.contains(name) => {
+                // Just hashed: these bytes need no second read to be verified.
+                let (resolved, bytes) = self.hash_and_index(name)?;
+                return if resolved.sha256 == sha256 { Ok(Bytes::from(bytes)) } else { Err(ImageError::Unknown(sha256.to_string())) };
+            }
             None => return Err(ImageError::Unknown(sha256.to_string())),
         };
         let bytes = self.read_checked(&path)?;

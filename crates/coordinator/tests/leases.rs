@@ -29,7 +29,7 @@ async fn expired_lease_is_relet_and_late_ack_still_counts() {
 
         // The image arrives by content address and matches it.
         let image = &first.prompts[0].images[0];
-        let bytes = c.get_image(GetImageRequest { sha256: image.sha256.clone(), name: image.name.clone() }).await.expect("image").into_inner().data;
+        let bytes = c.get_image(GetImageRequest::from(image)).await.expect("image").into_inner().data;
         assert_eq!(hex::encode(Sha256::digest(&bytes)), image.sha256);
         assert_eq!(bytes.len() as u64, image.size_bytes);
 

@@ -87,7 +87,7 @@ async fn restart_from_the_journal_resumes_the_same_order_without_loss_or_doubles
             expect(c.get_image(request).await, Code::NotFound, "sha256");
         }
         let served = c
-            .get_image(GetImageRequest { sha256: old_image.sha256.clone(), name: old_image.name.clone() })
+            .get_image(GetImageRequest::from(old_image))
             .await
             .expect("an image leased before the restart")
             .into_inner();

@@ -133,7 +133,7 @@ impl Worker {
         let record: VqaRecord = serde_json::from_str(&p.record_json).expect("record");
         let mut images = Vec::new();
         for image in &p.images {
-            let data = self.coordinator.get_image(GetImageRequest { sha256: image.sha256.clone(), name: image.name.clone() }).await.expect("image").into_inner().data;
+            let data = self.coordinator.get_image(GetImageRequest::from(image)).await.expect("image").into_inner().data;
             images.push(self.vlm.images.process_bytes(&data, &image.name).expect("processed image"));
         }
         let prompt = PromptTemplate::R1v.build(&record.question, &record.options);

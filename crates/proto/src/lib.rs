@@ -30,6 +30,13 @@ pub use ids::{GroupId, NCCL_UNIQUE_ID_LEN, group_id, is_sha256_hex};
 pub use security::{Security, SecuritySection, TlsSettings, Token};
 pub use server::{GrpcServer, Guarded, ServerOptions};
 
+impl From<&ImageRef> for GetImageRequest {
+    /// Asks for `image` by address, naming it so a restarted coordinator can find it.
+    fn from(image: &ImageRef) -> Self {
+        GetImageRequest { sha256: image.sha256.clone(), name: image.name.clone() }
+    }
+}
+
 /// Encoded `FileDescriptorSet` of `medrl.proto`, for gRPC reflection and tooling.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("medrl_descriptor");
 

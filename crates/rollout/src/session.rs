@@ -153,8 +153,7 @@ impl Session {
     /// The bytes of an image by content address (unverified: see `images`); the name lets a
     /// restarted coordinator find them.
     pub async fn image(&self, image: &ImageRef) -> Result<Bytes, Status> {
-        let request = GetImageRequest { sha256: image.sha256.clone(), name: image.name.clone() };
-        let reply = self.client.clone().get_image(request).await?.into_inner();
+        let reply = self.client.clone().get_image(GetImageRequest::from(image)).await?.into_inner();
         Ok(reply.data)
     }
 }

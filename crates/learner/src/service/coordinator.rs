@@ -110,7 +110,7 @@ impl CoordinatorRpc {
     /// Image bytes by content address (the name lets a restarted coordinator find them).
     pub async fn get_image(&self, image: &ImageRef) -> ServiceResult<GetImageResponse> {
         let t = self.timeout;
-        let request = GetImageRequest { sha256: image.sha256.clone(), name: image.name.clone() };
+        let request = GetImageRequest::from(image);
         self.retry("GetImage", |mut c| {
             let request = request.clone();
             async move { c.get_image(with_deadline(request, t)).await }
